@@ -1,0 +1,27 @@
+"""Naive PTQ: calibrate the observers, round to nearest."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from tqdm import tqdm
+
+from algorithms.base import Algorithm, AlgorithmConfig, RunContext
+from algorithms.registry import register
+from ptqkit.quantize import calibrate
+from ptqkit.schema import spec
+
+
+@register("naive")
+class NaivePTQ(Algorithm):
+    @dataclass
+    class Config(AlgorithmConfig):
+        calib_images: Optional[int] = spec(None, lo=1,
+                                           doc="observe ranges on the first N calibration images (null = all)")
+
+    def run(self, ctx: RunContext):
+        qmodel, _ = self.prepare(ctx)
+        images = ctx.calib_images[: self.params.calib_images]
+        with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
+            calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
+        return qmodel

@@ -1,0 +1,235 @@
+"""The run config: YAML with `_base_` inheritance, `--set` overrides, and validation of the whole tree.
+
+Validation happens before any model or data is touched, so a typo costs a second, not a calibration run.
+Relative paths in a config are taken relative to the current working directory (run from the repository root);
+`_base_` paths are relative to the file that names them.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+
+from ptqkit.errors import ConfigError, UserError
+from ptqkit.schema import build, spec, to_dict
+
+OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse")
+PRESETS = ("imagenet", "cifar10", "imagenet_pm1")
+BACKENDS = ("academic",)
+
+
+@dataclass
+class ModelConfig:
+    name: str = spec(doc="model zoo name, e.g. cifar_resnet20, resnet18, mobilenet_v2")
+    checkpoint: Optional[str] = spec(None, exists="file",
+                                     doc="state_dict file (bare, or a dict holding 'state_dict'/'model')")
+    kwargs: dict = spec(factory=dict, doc="keyword arguments of the model builder, e.g. {num_classes: 10}")
+    leaf_modules: list[str] = spec(factory=list,
+                                   doc="module class names torch.fx must not trace into (for untraceable code)")
+
+    def check(self, path):
+        from models import available_models
+        if self.name not in available_models():
+            raise ConfigError(f"{path}.name", "one of: " + ", ".join(available_models()), self.name)
+
+
+@dataclass
+class CalibrationData:
+    split: Optional[str] = spec("train", doc="subfolder of data.root with the calibration images; null = data.root")
+    num_images: int = spec(1024, lo=1, doc="images drawn (seeded) from the calibration split")
+    batch_size: int = spec(32, lo=1)
+    seed: int = spec(1005, lo=0, doc="seed of the calibration draw")
+    per_class: Optional[int] = spec(None, lo=1, doc="draw exactly this many images of each class instead")
+
+
+@dataclass
+class EvaluationData:
+    split: Optional[str] = spec("test", doc="subfolder of data.root with the evaluation images; null = data.root")
+    batch_size: int = spec(256, lo=1)
+    workers: int = spec(2, lo=0, hi=64)
+    limit: Optional[int] = spec(None, lo=1, doc="evaluate only the first N images (of a fixed seeded order)")
+
+
+@dataclass
+class DataConfig:
+    root: str = spec(exists="dir", doc="dataset root in ImageFolder layout (ImageNet: the folder holding train/ val/)")
+    preset: str = spec("imagenet", choices=PRESETS,
+                       doc="preprocessing: imagenet (Resize 256, CenterCrop 224, mean/std), cifar10 (mean/std, "
+                           "no resize), imagenet_pm1 (ImageNet crop, inputs in [-1, 1])")
+    calibration: CalibrationData = spec(factory=CalibrationData)
+    evaluation: EvaluationData = spec(factory=EvaluationData)
+    calibration_fraction: float = spec(0.5, lo=0.0, hi=1.0,
+                                       doc="when calibration and evaluation read the same folder: the seeded "
+                                           "share of it kept for calibration (the rest is evaluated)")
+
+    def check(self, path):
+        for section in ("calibration", "evaluation"):
+            split = getattr(self, section).split
+            if split is not None and not os.path.isdir(os.path.join(self.root, split)):
+                raise ConfigError(f"{path}.{section}.split", f"a subfolder of {self.root}", split)
+        if self.shared_folder and not 0.0 < self.calibration_fraction < 1.0:
+            raise ConfigError(f"{path}.calibration_fraction",
+                              "a value strictly between 0 and 1 (calibration and evaluation share a folder)",
+                              self.calibration_fraction)
+
+    @property
+    def shared_folder(self) -> bool:
+        return self.calibration.split == self.evaluation.split
+
+
+@dataclass
+class TensorQuant:
+    bits: int = spec(4, lo=2, hi=8)
+    per_channel: bool = spec(False)
+    symmetric: bool = spec(False)
+    observer: str = spec("mse", choices=OBSERVERS)
+    p: float = spec(2.0, lo=1.0, hi=4.0, doc="norm of the MSE observers' range search (2.4 in BRECQ/QDrop)")
+
+
+def _weights_default():
+    return TensorQuant(bits=4, per_channel=True)
+
+
+@dataclass
+class QuantConfig:
+    backend: str = spec("academic", choices=BACKENDS, doc="MQBench backend")
+    w: TensorQuant = spec(factory=_weights_default, doc="weights")
+    a: TensorQuant = spec(factory=TensorQuant, doc="activations")
+    first_layer_w_bits: Optional[int] = spec(8, lo=2, hi=8, doc="first conv's weight bits; null = w.bits")
+    last_layer_w_bits: Optional[int] = spec(8, lo=2, hi=8, doc="last layer's weight bits; null = w.bits")
+    last_layer_a_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the last layer's input; null = a.bits")
+    input_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the network input (image); null = no quantizer")
+    fold_bn: bool = spec(False, doc="fold BN into convs before quantizing (BRECQ/QDrop); Academic keeps BN")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = spec("auto", choices=("auto", "cpu", "cuda"))
+    seed: int = spec(1005, lo=0, doc="seed of everything but the calibration draw")
+    threads: int = spec(0, lo=0, hi=512, doc="torch CPU threads; 0 = torch's default")
+    output_dir: str = spec("runs/default", doc="run folder; an existing one is never overwritten (a suffix is added)")
+    save_model: bool = spec(True, doc="save the quantized model (quantizer state, rounded weights)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    quant: QuantConfig
+    algorithm: Any  # the registered algorithm's own config dataclass, with `name`
+    runtime: RuntimeConfig
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+SECTIONS = ("model", "data", "quant", "algorithm", "runtime")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}': not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config file '{path}'{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}': expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Merge `override` into a copy of `base`; a mapping with `_delete_: true` replaces instead of merging."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and value.get("_delete_"):
+            out[key] = {k: v for k, v in value.items() if k != "_delete_"}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml_tree(path: str, _seen: tuple = ()) -> dict:
+    """Read a config file and everything it inherits through `_base_` (a path or a list of paths)."""
+    path = os.path.normpath(path)
+    if path in _seen:
+        raise UserError(f"config file '{path}': `_base_` inheritance loops back to itself")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError("_base_", "a path or a list of paths", bases)
+    merged: dict = {}
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(path), base)
+        merged = deep_merge(merged, load_yaml_tree(base_path, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(tree: dict, overrides) -> dict:
+    """Apply `key.path=value` strings; the value is parsed as YAML (`4`, `true`, `[1, 2]`, `null`)."""
+    tree = copy.deepcopy(tree)
+    for item in overrides or ():
+        if "=" not in item:
+            raise UserError(f"--set '{item}': expected key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "a mapping to set a sub-key in", child)
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def validate(tree: dict) -> Config:
+    """Check the whole merged tree and build the typed config. Raises ConfigError on the first problem."""
+    from algorithms.registry import get_algorithm
+
+    unknown = [k for k in tree if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(str(unknown[0]), "a known section (one of: " + ", ".join(SECTIONS) + ")",
+                          show_actual=False)
+    for section in SECTIONS:
+        if not isinstance(tree.get(section, {}), dict):
+            raise ConfigError(section, "a mapping", tree.get(section))
+    model = build(ModelConfig, tree.get("model", {}), "model")
+    data = build(DataConfig, tree.get("data", {}), "data")
+    quant = build(QuantConfig, tree.get("quant", {}), "quant")
+    runtime = build(RuntimeConfig, tree.get("runtime", {}), "runtime")
+    algo_tree = dict(tree.get("algorithm", {}))
+    name = algo_tree.pop("name", "naive")
+    algo_cls = get_algorithm(name)
+    params = build(algo_cls.Config, algo_tree, "algorithm")
+    params.name = name
+    cfg = Config(model=model, data=data, quant=quant, algorithm=params, runtime=runtime)
+    finalize = getattr(params, "finalize", None)
+    if finalize is not None:
+        finalize(cfg)
+    return cfg
+
+
+def load_config(path: str, overrides=()) -> Config:
+    return validate(apply_overrides(load_yaml_tree(path), overrides))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,175 @@
+"""One PTQ run: build model and data, measure FP32, run the algorithm, measure the quantized model, write results.
+
+The FP32 and quantized accuracies are always measured on the same images in the same run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ptqkit.config import Config, dump_config
+
+log = logging.getLogger("ptq")
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "mqbench-torch2"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ptqkit.errors import ConfigError
+        raise ConfigError("runtime.device", "cpu or auto (no CUDA device is visible)", name)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"host_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out
+
+
+def new_run_dir(path: str) -> str:
+    """`path` if it is free, else `path-2`, `path-3`, ...: an earlier run's files are never overwritten."""
+    candidate, k = path, 1
+    while os.path.exists(candidate) and os.listdir(candidate):
+        k += 1
+        candidate = f"{path}-{k}"
+    os.makedirs(candidate, exist_ok=True)
+    return candidate
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, desc: str = "eval", show_progress: bool = True) -> dict:
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, labels in tqdm(loader, desc=desc, unit="batch", disable=not show_progress, leave=False):
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        total += labels.numel()
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - start, 3)
+
+
+def build_fp_model(cfg: Config, device) -> nn.Module:
+    from models import build_model, load_checkpoint
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    if cfg.model.checkpoint:
+        load_checkpoint(model, cfg.model.checkpoint, cfg.model.name)
+    else:
+        log.warning("model.checkpoint is null: the model has random weights, its accuracy means nothing")
+    return model.eval().to(device)
+
+
+def quant_summary(cfg: Config) -> str:
+    q = cfg.quant
+    return f"W{q.w.bits}A{q.a.bits}"
+
+
+def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True) -> dict:
+    import data
+    from algorithms.base import RunContext
+    from algorithms.registry import get_algorithm
+
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    seed_everything(cfg.runtime.seed)
+    device = select_device(cfg.runtime.device)
+    timer = PhaseTimer()
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+
+    with timer("data"):
+        splits = data.make_splits(cfg.data)
+        calib_images, calib_labels = data.draw_calibration(splits, cfg.data.calibration)
+        loader = data.evaluation_loader(splits, cfg.data.evaluation)
+    with timer("model"):
+        fp_model = build_fp_model(cfg, device)
+    algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm)
+    ctx = RunContext(cfg=cfg, fp_model=fp_model, calib_images=calib_images, calib_labels=calib_labels,
+                     device=device, run_dir=run_dir, show_progress=show_progress)
+    log.info("model %s, %s, algorithm %s, %d calibration images, %d evaluation images, device %s",
+             cfg.model.name, quant_summary(cfg), cfg.algorithm.name, len(calib_images),
+             len(splits.evaluation_indices), device)
+    if dry_run:
+        return {"dry_run": algorithm.describe(ctx) if hasattr(algorithm, "describe") else None}
+
+    with timer("fp32_eval"):
+        fp32 = evaluate(fp_model, loader, device, "eval fp32", show_progress)
+    log.info("FP32 top-1 %.2f %% (top-5 %.2f %%) on %d images", fp32["top1"], fp32["top5"], fp32["images"])
+    with timer("quantize"):
+        qmodel = algorithm.run(ctx)
+    with timer("quant_eval"):
+        quant = evaluate(qmodel, loader, device, "eval quant", show_progress)
+    log.info("%s %s top-1 %.2f %% (FP32 %.2f %% on the same %d images)", cfg.algorithm.name, quant_summary(cfg),
+             quant["top1"], fp32["top1"], quant["images"])
+    extra_evals = getattr(algorithm, "extra_evaluations", None)
+    extra = extra_evals(ctx, qmodel, lambda m, desc: evaluate(m, loader, device, desc, show_progress)) \
+        if extra_evals else None
+    if cfg.runtime.save_model:
+        with timer("save"):
+            from ptqkit.saving import save_quantized
+            save_quantized(qmodel, cfg, os.path.join(run_dir, "quantized_model.pt"))
+    results = {
+        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "bits": quant_summary(cfg),
+        "fp32": fp32, "quant": quant, "drop_top1": round(fp32["top1"] - quant["top1"], 3),
+        "calibration_images": len(calib_images), "evaluation_images": quant["images"],
+        "seconds": timer.seconds, "memory": peak_memory_mb(device), "device": str(device),
+        "versions": versions(), "config": cfg.to_dict(), "algorithm_results": ctx.results,
+    }
+    if extra:
+        results["extra_evaluations"] = extra
+    write_json(os.path.join(run_dir, "results.json"), results)
+    return results
