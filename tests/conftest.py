@@ -1,0 +1,76 @@
+"""Fixtures on the real shared assets (../shared/assets): pretrained checkpoints and real images, never random
+weights. Decoded image tensors are cached per session so that several tests can evaluate on them cheaply."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.normpath(os.path.join(REPO, "..", "shared", "assets"))
+CIFAR = os.path.join(ASSETS, "cifar10")
+IMAGENET = os.path.join(ASSETS, "imagenet")
+sys.path.insert(0, REPO)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def cifar_checkpoint(depth: int) -> str:
+    names = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th",
+             56: "resnet56-4bfd9763.th"}
+    return os.path.join(CIFAR, names[depth])
+
+
+def base_tree(**sections) -> dict:
+    """A config tree for ResNet-20 on the shared CIFAR-10 assets; keyword sections are deep-merged over it."""
+    from ptqkit.config import deep_merge
+    tree = {
+        "model": {"name": "cifar_resnet20", "checkpoint": cifar_checkpoint(20)},
+        "data": {"root": CIFAR, "preset": "cifar10",
+                 "calibration": {"split": "train", "num_images": 256, "batch_size": 32, "seed": 1005},
+                 "evaluation": {"split": "test", "batch_size": 500, "workers": 0}},
+        "quant": {"w": {"bits": 4, "per_channel": True, "observer": "mse"},
+                  "a": {"bits": 4, "observer": "mse"}},
+        "algorithm": {"name": "naive"},
+        "runtime": {"device": "cpu", "output_dir": "runs/test"},
+    }
+    return deep_merge(tree, sections)
+
+
+@pytest.fixture(scope="session")
+def cifar_test_set():
+    """All 10,000 shared CIFAR-10 test images, decoded once: (images, labels)."""
+    import data
+    ds = data.image_folder(CIFAR, "test", "cifar10")
+    loader = torch.utils.data.DataLoader(ds, batch_size=1000, num_workers=2)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.fixture(scope="session")
+def cifar_calib():
+    """256 calibration images drawn with seed 1005 from the shared train folder."""
+    import data
+    from ptqkit.config import validate
+    cfg = validate(base_tree())
+    splits = data.make_splits(cfg.data)
+    images, _ = data.draw_calibration(splits, cfg.data.calibration)
+    return images
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    from models import build_model, load_checkpoint
+    model = build_model("cifar_resnet20")
+    load_checkpoint(model, cifar_checkpoint(20))
+    return model.eval()
+
+
+@torch.no_grad()
+def top1(model, images, labels, batch_size=1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        correct += (model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+    return 100.0 * correct / len(images)
