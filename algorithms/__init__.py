@@ -1,5 +1,6 @@
 """PTQ algorithms. Importing this package registers every plugin (one explicit import each)."""
-from algorithms import naive  # noqa: F401
+from algorithms import adaround, brecq, naive, qdrop  # noqa: F401
+from algorithms import fdda  # noqa: F401
 from algorithms.registry import get_algorithm, register, registered_algorithms
 
 __all__ = ["get_algorithm", "register", "registered_algorithms"]

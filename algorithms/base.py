@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ptqkit.quantize import QuantLayout, prepare_quantized
+from ptqkit import quantize as pq  # module import: ptqkit.quantize imports algorithms.quantizers
 from ptqkit.schema import spec
 
 
@@ -40,8 +40,8 @@ class Algorithm:
     def __init__(self, params: AlgorithmConfig):
         self.params = params
 
-    def prepare(self, ctx: RunContext) -> tuple[torch.fx.GraphModule, QuantLayout]:
-        qmodel, layout = prepare_quantized(ctx.fp_model, ctx.cfg.quant, ctx.cfg.model.leaf_modules)
+    def prepare(self, ctx: RunContext) -> tuple[torch.fx.GraphModule, pq.QuantLayout]:
+        qmodel, layout = pq.prepare_quantized(ctx.fp_model, ctx.cfg.quant, ctx.cfg.model.leaf_modules)
         return qmodel.to(ctx.device), layout
 
     def run(self, ctx: RunContext) -> nn.Module:

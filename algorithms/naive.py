@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from algorithms.base import Algorithm, AlgorithmConfig, RunContext
 from algorithms.registry import register
-from ptqkit.quantize import calibrate
+from ptqkit import quantize as pq
 from ptqkit.schema import spec
 
 
@@ -23,5 +23,5 @@ class NaivePTQ(Algorithm):
         qmodel, _ = self.prepare(ctx)
         images = ctx.calib_images[: self.params.calib_images]
         with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
-            calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
+            pq.calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
         return qmodel

@@ -131,12 +131,14 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(dump_config(cfg))
 
+    with timer("model"):  # before the data: a mismatched checkpoint should fail in a second
+        fp_model = build_fp_model(cfg, device)
+        from ptqkit.quantize import trace_check
+        trace_check(fp_model, cfg.model.leaf_modules)
     with timer("data"):
         splits = data.make_splits(cfg.data)
         calib_images, calib_labels = data.draw_calibration(splits, cfg.data.calibration)
         loader = data.evaluation_loader(splits, cfg.data.evaluation)
-    with timer("model"):
-        fp_model = build_fp_model(cfg, device)
     algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm)
     ctx = RunContext(cfg=cfg, fp_model=fp_model, calib_images=calib_images, calib_labels=calib_labels,
                      device=device, run_dir=run_dir, show_progress=show_progress)

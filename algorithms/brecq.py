@@ -1,0 +1,38 @@
+"""BRECQ (Li et al. 2021) as published, and MQBench's joint variant.
+
+`brecq`: two stages. (1) block-wise AdaRound with activations in full precision (inputs from the partly
+quantized network, weights only); (2) activation step sizes re-initialised on a few images and learned per
+block with the weights fixed, under an L_p loss (p = 2.4).
+`brecq_joint`: MQBench's "BRECQ" — rounding and activation steps learned together with activations quantized,
+i.e. QDrop with keep probability 1.
+"""
+from dataclasses import dataclass
+
+from algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from algorithms.registry import register
+from ptqkit.schema import spec
+
+
+@register("brecq")
+class Brecq(Reconstruction):
+    @dataclass
+    class Config(ReconstructionConfig):
+        act_iters: int = spec(5000, lo=0, doc="stage 2: iterations per block learning activation steps")
+        act_lr: float = spec(4e-4, lo=0.0, doc="stage 2: Adam learning rate of the steps (cosine)")
+        act_p: float = spec(2.4, lo=1.0, hi=4.0, doc="stage 2: norm of the reconstruction loss")
+        act_init_images: int = spec(64, lo=0)
+
+    def phases(self):
+        p = self.params
+        stages = [self.base_phase("brecq-weights", learn_rounding=True, learn_act_scale=False, quant_acts=False,
+                                  act_init_images=0)]
+        if p.act_iters > 0:
+            stages.append(self.base_phase("brecq-acts", iters=p.act_iters, learn_rounding=False,
+                                          learn_act_scale=True, quant_acts=True, a_lr=p.act_lr, rec_p=p.act_p))
+        return stages
+
+
+@register("brecq_joint")
+class BrecqJoint(Reconstruction):
+    def phases(self):
+        return [self.base_phase("brecq_joint", learn_rounding=True, learn_act_scale=True, quant_acts=True)]

@@ -1,0 +1,319 @@
+"""The one reconstruction engine. It knows no method by name: methods hand it phases, units and loss hooks.
+
+For each phase, units are reconstructed in order. Unit k sees inputs from the model whose units 0..k-1 are
+already quantized (weights hard-rounded, activations at their learned steps) and full-precision targets. Its
+rounding variables V and/or activation step sizes s minimise, over T iterations on random batches of the cached
+calibration inputs,
+
+    L = || f_q(x_mix) - f_fp(x_fp) ||_p^p  (summed over channels, averaged over batch and positions)
+        + λ · Σ_i (1 - |2 h(V_i) - 1|^β)      (off for the first `warmup` · T iterations)
+        + Σ method terms                       (e.g. PD-Quant's prediction difference)
+
+with h the rectified sigmoid, β falling linearly from `beta_start` to `beta_end` after warm-up, and the unit input
+x_mix = where(u < input_prob, x_q, x_fp) element-wise (QDrop); inside the unit each activation quantizer keeps
+quantization per element with probability `keep_prob`. V learns with Adam (`w_lr`), s with Adam (`a_lr`) under a
+cosine decay to 0. At the end of a unit the rounding is made hard and written into the weights.
+
+Memory: only the current unit's cached inputs and targets are held (on `cache_device`, in `cache_dtype`); for a
+chain of units the next unit's inputs are produced from the current unit's cache, so no unit re-runs the network.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm import tqdm
+
+from algorithms.graph import prefix_module, unit_module
+from algorithms.quantizers import ActQuantizer, act_quantizers, keep_probability, quant_state
+from algorithms.units import Unit
+from ptqkit.errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase:
+    """One pass of reconstruction over all units."""
+    name: str
+    iters: int
+    learn_rounding: bool = True
+    learn_act_scale: bool = True
+    quant_acts: bool = True           # activation quantizers on, upstream and inside the unit
+    keep_prob: float = 1.0            # QDrop: per-element probability of keeping activation quantization
+    input_prob: float = 1.0           # QDrop: per-element probability of taking the quantized unit input
+    w_lr: float = 1e-3
+    a_lr: float = 4e-5
+    round_weight: float = 0.01        # λ
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    rec_p: float = 2.0
+    act_init_images: int = 0          # re-initialise the unit's activation steps on this many cached inputs
+
+
+@dataclass
+class EngineSettings:
+    batch_size: int = 32
+    cache_device: str = "auto"        # auto (= compute device) | cpu
+    cache_dtype: torch.dtype = torch.float32
+    log_every: int = 100
+    show_progress: bool = True
+
+
+@dataclass
+class UnitCache:
+    q_in: torch.Tensor                # input from the partly quantized model
+    fp_in: torch.Tensor               # input from the full-precision model
+    fp_out: torch.Tensor              # full-precision target
+
+    def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(t[idx].to(device, torch.float32, non_blocking=True) for t in (self.q_in, self.fp_in, self.fp_out))
+
+
+class Hooks:
+    """What a method may add to the engine's loop. The default adds nothing."""
+
+    def unit_start(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> UnitCache:
+        return cache
+
+    def extra_loss(self, unit: Unit, out_q: torch.Tensor, idx: torch.Tensor, it: int,
+                   phase: Phase) -> dict[str, torch.Tensor]:
+        return {}
+
+    def unit_end(self, unit: Unit) -> None:
+        pass
+
+
+def beta_at(it: int, phase: Phase) -> float:
+    start = phase.warmup * phase.iters
+    if it < start:
+        return phase.beta_start
+    rel = (it - start) / max(phase.iters - start, 1)
+    return phase.beta_end + (phase.beta_start - phase.beta_end) * max(0.0, 1.0 - rel)
+
+
+def rounding_regulariser(unit: Unit, beta: float) -> torch.Tensor:
+    total = 0.0
+    for _, wq in unit.weight_quantizers:
+        if getattr(wq, "adaround", False):
+            h = wq.soft_rounding()
+            total = total + (1 - (2 * h - 1).abs().pow(beta)).sum()
+    return total if isinstance(total, torch.Tensor) else torch.tensor(0.0)
+
+
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    err = (out - target).abs()
+    err = err.pow(2) if p == 2.0 else err.pow(p)
+    return err.sum(1).mean()
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Only what the engine asks for learns; the network's own weights never get gradients."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def phase_state(gm: fx.GraphModule, phase: Phase):
+    """Weights quantized; activations quantized or not as the phase says; observers off. Restored after."""
+    acts = act_quantizers(gm)
+    with quant_state(gm, observe=False, quantize=True), quant_state(gm, only=acts, quantize=phase.quant_acts):
+        yield
+
+
+def _reset_observer(q: ActQuantizer) -> None:
+    obs = q.activation_post_process
+    obs.min_val = torch.full_like(obs.min_val, float("inf"))
+    obs.max_val = torch.full_like(obs.max_val, float("-inf"))
+
+
+@torch.no_grad()
+def init_act_steps(module: fx.GraphModule, unit: Unit, cache: UnitCache, n_images: int, batch: int, device):
+    """Re-observe the unit's activation ranges on its own cached (quantized-model) inputs."""
+    quantizers = unit.act_quantizers
+    if not quantizers or n_images <= 0:
+        return
+    for q in quantizers:
+        _reset_observer(q)
+    # Observe everything first (fake quant off), then compute the step: MQBench fake quantizers update their
+    # scale from the observer at every observed forward.
+    with quant_state(module, only=quantizers, observe=True, quantize=False):
+        for start in range(0, min(n_images, len(cache.q_in)), batch):
+            module(cache.q_in[start:start + batch].to(device, torch.float32))
+
+
+@torch.no_grad()
+def _run_batched(module: nn.Module, inputs: torch.Tensor, batch: int, device, store_device, dtype):
+    outs = []
+    for start in range(0, len(inputs), batch):
+        out = module(inputs[start:start + batch].to(device, torch.float32))
+        outs.append(out.to(store_device, dtype))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def _prefix_values(gm, nodes, images, batch, device, store_device, dtype) -> list[torch.Tensor]:
+    prefix = prefix_module(gm, nodes)
+    outs: list[list[torch.Tensor]] = [[] for _ in nodes]
+    for start in range(0, len(images), batch):
+        values = prefix(images[start:start + batch].to(device))
+        for lst, v in zip(outs, values):
+            lst.append(v.to(store_device, dtype))
+    return [torch.cat(lst) for lst in outs]
+
+
+class Engine:
+    def __init__(self, gm: fx.GraphModule, units: list[Unit], images: torch.Tensor, device: torch.device,
+                 settings: EngineSettings, hooks: Optional[Hooks] = None):
+        self.gm, self.units, self.images, self.device = gm, units, images, device
+        self.settings = settings
+        self.hooks = hooks or Hooks()
+        self.store = device if settings.cache_device == "auto" else torch.device(settings.cache_device)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------ caching
+    def _cache_for(self, k: int, phase: Phase, carried: Optional[UnitCache], module: fx.GraphModule) -> UnitCache:
+        unit, s = self.units[k], self.settings
+        bs = max(s.batch_size, 64)
+        if carried is None:
+            # No chain to follow (first unit, or layer units inside a block): run the network up to the input.
+            with phase_state(self.gm, phase):
+                (q_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
+                                         s.cache_dtype)
+            with quant_state(self.gm, observe=False, quantize=False):
+                (fp_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
+                                          s.cache_dtype)
+        else:
+            q_in, fp_in = carried.q_in, carried.fp_in
+        with quant_state(self.gm, observe=False, quantize=False):
+            fp_out = _run_batched(module, fp_in, bs, self.device, self.store, s.cache_dtype)
+        return UnitCache(q_in, fp_in, fp_out)
+
+    def _carry(self, k: int, cache: UnitCache, module: fx.GraphModule, phase: Phase) -> Optional[UnitCache]:
+        """Inputs of unit k+1 from unit k's cache, when unit k+1 starts where unit k ends."""
+        if k + 1 >= len(self.units) or self.units[k + 1].input is not self.units[k].output:
+            return None
+        bs = max(self.settings.batch_size, 64)
+        with phase_state(self.gm, phase):
+            q_next = _run_batched(module, cache.q_in, bs, self.device, self.store, self.settings.cache_dtype)
+        return UnitCache(q_next, cache.fp_out, None)
+
+    # ----------------------------------------------------------------------------------- optimisation
+    def run(self, phases: list[Phase]) -> list[dict]:
+        with frozen_parameters(self.gm):
+            for phase in phases:
+                carried = None
+                for k, unit in enumerate(self.units):
+                    module = unit_module(self.gm, unit)
+                    cache = self._cache_for(k, phase, carried, module)
+                    carried = None
+                    record = self._optimise(unit, module, cache, phase)
+                    record.update(phase=phase.name, index=k)
+                    self.history.append(record)
+                    carried = self._carry(k, cache, module, phase)
+                    del cache
+        return self.history
+
+    def _optimise(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> dict:
+        s, device = self.settings, self.device
+        start_time = time.perf_counter()
+        cache = self.hooks.unit_start(unit, module, cache, phase)
+        if phase.quant_acts and phase.act_init_images > 0:
+            init_act_steps(module, unit, cache, phase.act_init_images, max(s.batch_size, 64), device)
+        w_params, a_params = [], []
+        if phase.learn_rounding:
+            for layer, wq in unit.weight_quantizers:
+                wq.init_rounding(layer.weight)
+                w_params.append(wq.alpha)
+        quantizers = unit.act_quantizers if phase.quant_acts else []
+        if phase.learn_act_scale and phase.quant_acts:
+            for q in quantizers:
+                q.scale.requires_grad_(True)
+                a_params.append(q.scale)
+        optimisers, schedulers = [], []
+        if w_params:
+            optimisers.append(torch.optim.Adam(w_params, lr=phase.w_lr))
+        if a_params:
+            a_opt = torch.optim.Adam(a_params, lr=phase.a_lr)
+            optimisers.append(a_opt)
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=phase.iters, eta_min=0.0))
+
+        hist = {"iter": [], "rec": [], "round": [], "total": []}
+        n = len(cache.q_in)
+        last = {}
+        bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
+                   mininterval=1.0)
+        with phase_state(self.gm, phase), keep_probability(quantizers, phase.keep_prob):
+            if not optimisers:
+                bar.close()
+            for it in (bar if optimisers else ()):
+                idx = torch.randint(0, n, (min(s.batch_size, n),))
+                q_in, fp_in, target = cache.batch(idx, device)
+                if phase.input_prob < 1.0:
+                    q_in = torch.where(torch.rand_like(q_in) < phase.input_prob, q_in, fp_in)
+                out = module(q_in)
+                rec = reconstruction_loss(out, target, phase.rec_p)
+                beta = beta_at(it, phase)
+                if phase.learn_rounding and it >= phase.warmup * phase.iters:
+                    rnd = phase.round_weight * rounding_regulariser(unit, beta)
+                else:
+                    rnd = torch.zeros((), device=rec.device)
+                extra = self.hooks.extra_loss(unit, out, idx, it, phase)
+                loss = rec + rnd + sum(extra.values())
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"unit {unit.name} ({phase.name}) iteration {it}: loss is {loss.item()}")
+                for opt in optimisers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimisers:
+                    opt.step()
+                for sch in schedulers:
+                    sch.step()
+                if it % s.log_every == 0 or it == phase.iters - 1:
+                    last = {"rec": rec.item(), "round": float(rnd), "total": loss.item(),
+                            **{k: v.item() for k, v in extra.items()}}
+                    hist["iter"].append(it)
+                    for key, value in last.items():
+                        hist.setdefault(key, []).append(value)
+                    bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
+        for q in quantizers:
+            q.scale.requires_grad_(False)
+        if phase.learn_rounding:
+            for layer, wq in unit.weight_quantizers:
+                wq.harden(layer.weight)
+        final = self.unit_error(module, cache, phase)
+        self.hooks.unit_end(unit)
+        seconds = time.perf_counter() - start_time
+        log.info("%s %-24s rec %.5g -> final %.5g (%d it, %.1f s, %.2f ms/it)", phase.name, unit.name,
+                 hist["rec"][0] if hist["rec"] else float("nan"), final, phase.iters, seconds,
+                 1000 * seconds / max(phase.iters, 1))
+        return {"name": unit.name, "iterations": phase.iters, "final_rec_loss": final, "seconds": round(seconds, 3),
+                "history": hist}
+
+    @torch.no_grad()
+    def unit_error(self, module, cache: UnitCache, phase: Phase) -> float:
+        """Mean reconstruction error of the (hardened) unit over all cached inputs, without drop or mixing."""
+        total, count = 0.0, 0
+        bs = max(self.settings.batch_size, 64)
+        with phase_state(self.gm, phase):
+            for start in range(0, len(cache.q_in), bs):
+                q_in = cache.q_in[start:start + bs].to(self.device, torch.float32)
+                target = cache.fp_out[start:start + bs].to(self.device, torch.float32)
+                total += reconstruction_loss(module(q_in), target, 2.0).item() * len(q_in)
+                count += len(q_in)
+        return total / max(count, 1)

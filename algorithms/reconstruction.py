@@ -1,0 +1,107 @@
+"""What the reconstruction methods share: their config, and the run — prepare, calibrate, partition, reconstruct.
+
+A method subclasses `Reconstruction` and says only what differs: its `phases()` (which variables learn, with
+which drop rule and for how long), optionally its unit grouping (`units()`) and engine hooks (`hooks()`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from algorithms.base import Algorithm, AlgorithmConfig, RunContext
+from algorithms.engine import Engine, EngineSettings, Hooks, Phase
+from algorithms.units import GRANULARITIES, Unit, describe_units, partition
+from ptqkit import quantize as pq
+from ptqkit.schema import spec
+
+# Rounding-regulariser weight λ by architecture (QDrop / PD-Quant reference configs).
+ROUND_WEIGHT_BY_MODEL = (("mobilenet_v2", 0.1), ("mnasnet", 0.2))
+DEFAULT_ROUND_WEIGHT = 0.01
+
+
+def default_round_weight(model_name: str) -> float:
+    for prefix, value in ROUND_WEIGHT_BY_MODEL:
+        if model_name.startswith(prefix):
+            return value
+    return DEFAULT_ROUND_WEIGHT
+
+
+@dataclass
+class ReconstructionConfig(AlgorithmConfig):
+    iters: int = spec(20000, lo=1, doc="iterations per unit")
+    batch_size: int = spec(32, lo=1, doc="images per iteration, drawn at random from the calibration images")
+    weight: Optional[float] = spec(None, lo=0.0, doc="rounding regulariser λ; null = per architecture "
+                                                     "(0.01; MobileNetV2 0.1; MNasNet 0.2)")
+    w_lr: float = spec(1e-3, lo=0.0, doc="Adam learning rate of the rounding variables V")
+    a_lr: float = spec(4e-5, lo=0.0, doc="Adam learning rate of the activation step sizes (cosine to 0)")
+    warmup: float = spec(0.2, lo=0.0, hi=1.0, doc="share of iterations without the rounding regulariser")
+    beta_start: float = spec(20.0, lo=0.0)
+    beta_end: float = spec(2.0, lo=0.0)
+    rec_p: float = spec(2.0, lo=1.0, hi=4.0, doc="norm of the reconstruction loss")
+    granularity: str = spec("block", choices=GRANULARITIES)
+    act_init_images: int = spec(256, lo=0, doc="re-observe each unit's activation ranges on this many of its "
+                                               "cached inputs before learning (0 = keep the global calibration)")
+    cache_device: str = spec("auto", choices=("auto", "cpu"), doc="where cached unit inputs/targets live")
+    cache_dtype: str = spec("float32", choices=("float32", "float16"))
+    log_every: int = spec(100, lo=1, doc="loss history resolution (iterations)")
+
+    def finalize(self, cfg) -> None:
+        if self.weight is None:
+            self.weight = default_round_weight(cfg.model.name)
+
+
+class Reconstruction(Algorithm):
+    Config = ReconstructionConfig
+
+    # ----------------------------------------------------------------------- what a method may override
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def units(self, qmodel, ctx: RunContext) -> list[Unit]:
+        return partition(qmodel, ctx.fp_model, self.params.granularity, ctx.calib_images[:1].to(ctx.device))
+
+    def hooks(self, qmodel, units: list[Unit], ctx: RunContext) -> Hooks:
+        return Hooks()
+
+    # ------------------------------------------------------------------------------------- shared parts
+    def base_phase(self, name: str, **overrides) -> Phase:
+        p = self.params
+        values = dict(name=name, iters=p.iters, w_lr=p.w_lr, a_lr=p.a_lr, round_weight=p.weight,
+                      warmup=p.warmup, beta_start=p.beta_start, beta_end=p.beta_end, rec_p=p.rec_p,
+                      act_init_images=p.act_init_images)
+        values.update(overrides)
+        return Phase(**values)
+
+    def calibrated_model(self, ctx: RunContext, phases: list[Phase]):
+        qmodel, layout = self.prepare(ctx)
+        images = ctx.calib_images
+        act_phases = [ph for ph in phases if ph.quant_acts]
+        if act_phases and act_phases[0].act_init_images > 0:
+            # Every activation quantizer belongs to a unit and is re-observed on that unit's own inputs before
+            # activations are first quantized: observing them on all images here would be thrown away.
+            images = images[: ctx.cfg.data.calibration.batch_size]
+        with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
+            pq.calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
+        return qmodel
+
+    def describe(self, ctx: RunContext) -> str:
+        qmodel, _ = self.prepare(ctx)
+        units = self.units(qmodel, ctx)
+        return f"{len(units)} reconstruction units ({self.params.granularity}):\n" + describe_units(units)
+
+    def run(self, ctx: RunContext):
+        phases = self.phases()
+        qmodel = self.calibrated_model(ctx, phases)
+        units = self.units(qmodel, ctx)
+        p = self.params
+        settings = EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
+                                  cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
+                                  show_progress=ctx.show_progress)
+        engine = Engine(qmodel, units, ctx.calib_images, ctx.device, settings, self.hooks(qmodel, units, ctx))
+        history = engine.run(phases)
+        ctx.results["units"] = history
+        ctx.results["unit_names"] = [u.name for u in units]
+        return qmodel

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Engine benchmark (issue 3): CIFAR-10 ResNet-20 on the shared assets, naive and the reconstruction methods at
+several bit-widths, each run in its own process through ptq_main.py; then one table with FP32 beside each row.
+
+    python benchmarks/reconstruction_resnet20.py                      # the whole protocol
+    python benchmarks/reconstruction_resnet20.py --methods qdrop --bits W2A4 --seeds 1005 1006 1007
+
+Runs already finished (results.json present) are not repeated, so an interrupted benchmark can be restarted.
+Protocol: 1,024 calibration images drawn with seed 1005 from the shared train folder, batch 32, 2,000 iterations
+per unit, per-channel asymmetric weights, first/last-layer weights and the last layer's input at 8 bit, MSE
+initialisation, all 10,000 test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"naive": "configs/cifar10/resnet20_w4a4_naive.yaml"}
+for _m in ("adaround", "brecq", "brecq_joint", "qdrop"):
+    CONFIGS[_m] = f"configs/cifar10/resnet20_w4a4_{_m}.yaml"
+
+
+def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str]) -> dict | None:
+    w, a = bits[1:].split("A")
+    run_dir = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}")
+    results = os.path.join(run_dir, "results.json")
+    if os.path.exists(results):
+        return json.load(open(results))
+    overrides = [f"quant.w.bits={w}", f"quant.a.bits={a}", f"runtime.seed={seed}",
+                 f"runtime.output_dir={run_dir}", "runtime.save_model=false"]
+    if method == "naive":
+        overrides.append("algorithm.calib_images=null")  # naive observes all 1,024 calibration images here
+    cmd = [sys.executable, "ptq_main.py", "--config", CONFIGS[method], "--quiet"]
+    for o in overrides + extra:
+        cmd += ["--set", o]
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0 or not os.path.exists(results):
+        print(f"  FAILED ({proc.returncode}) after {time.time() - start:.0f} s", flush=True)
+        return None
+    return json.load(open(results))
+
+
+def row(method: str, bits: str, seed: int, r: dict) -> str:
+    units = r.get("algorithm_results", {}).get("units", [])
+    iters = sum(u["iterations"] for u in units)
+    sec_it = f"{1000 * r['seconds']['quantize'] / iters:.1f}" if iters else "–"
+    return (f"| {method} | {bits} | {seed} | {r['quant']['top1']:.2f} | {r['fp32']['top1']:.2f} | "
+            f"{r['seconds']['quantize']:.0f} | {iters} | {sec_it} | {r['memory']['host_peak_rss_mb']:.0f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["naive", "adaround", "brecq", "brecq_joint", "qdrop"])
+    parser.add_argument("--bits", nargs="+", default=["W4A4", "W2A4", "W2A2"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1005])
+    parser.add_argument("--out", default="benchmarks/runs/resnet20")
+    parser.add_argument("--results", default="benchmarks/results/reconstruction_resnet20.md")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    args = parser.parse_args()
+    rows = []
+    for bits in args.bits:
+        for method in args.methods:
+            for seed in args.seeds:
+                r = run_one(method, bits, seed, os.path.join(REPO, args.out), args.extra)
+                if r is not None:
+                    rows.append(row(method, bits, seed, r))
+                    print(rows[-1], flush=True)
+    header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | quantize s | iterations | "
+              "ms / iteration | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    text = (f"# ResNet-20 (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
+            f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"
+            f"{header}\n" + "\n".join(rows) + "\n")
+    os.makedirs(os.path.dirname(os.path.join(REPO, args.results)), exist_ok=True)
+    with open(os.path.join(REPO, args.results), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

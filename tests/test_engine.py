@@ -1,0 +1,115 @@
+"""The reconstruction engine on a real ResNet-20 block (shared checkpoint, real CIFAR-10 calibration images)."""
+import io
+import os
+import re
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from algorithms.base import RunContext
+from algorithms.engine import Engine, EngineSettings, Phase, beta_at
+from algorithms.graph import unit_module
+from algorithms.quantizers import act_quantizers, fake_quantizers
+from algorithms.registry import get_algorithm
+from conftest import REPO, base_tree
+from ptqkit.config import validate
+
+CPU = torch.device("cpu")
+
+
+def _setup(resnet20, cifar_calib, name="qdrop", **algo):
+    cfg = validate(base_tree(quant={"w": {"bits": 2}, "a": {"bits": 4}}, algorithm={"name": name, **algo}))
+    ctx = RunContext(cfg, resnet20, cifar_calib, torch.zeros(len(cifar_calib)), CPU, show_progress=False)
+    method = get_algorithm(name)(cfg.algorithm)
+    phases = method.phases()
+    qmodel = method.calibrated_model(ctx, phases)
+    return method, qmodel, method.units(qmodel, ctx), phases
+
+
+def _state(qmodel):
+    return ([(n, int(q.observer_enabled[0]), int(q.fake_quant_enabled[0])) for n, q in fake_quantizers(qmodel)],
+            [q.keep_prob for q in act_quantizers(qmodel)],
+            [(n, p.requires_grad) for n, p in qmodel.named_parameters()])
+
+
+def test_reconstruction_beats_round_to_nearest_and_restores_state(resnet20, cifar_calib):
+    torch.manual_seed(0)
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=150)
+    block = units[1]                                   # layer1.0, a real BasicBlock
+    assert block.name == "layer1.0"
+    engine = Engine(qmodel, [block], cifar_calib, CPU, EngineSettings(show_progress=False, log_every=10))
+    module = unit_module(qmodel, block)
+    cache = engine._cache_for(0, phases[0], None, module)
+    rtn_error = engine.unit_error(module, cache, phases[0])
+    before = _state(qmodel)
+    history = engine.run(phases)
+    after_error = engine.unit_error(module, cache, phases[0])
+    assert after_error < 0.8 * rtn_error, (rtn_error, after_error)
+    assert history[0]["final_rec_loss"] == pytest.approx(after_error, rel=1e-5)
+    assert _state(qmodel) == before                    # switches, keep probabilities, requires_grad
+
+
+def test_hard_rounding_written_back_reproduces_the_fake_quant_output(resnet20, cifar_calib):
+    torch.manual_seed(0)
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=30)
+    block = units[2]
+    layer, wq = block.weight_quantizers[0]
+    original = layer.weight.detach().clone()
+    wq.init_rounding(layer.weight)
+    with torch.no_grad():
+        wq.alpha.add_(torch.randn_like(wq.alpha))      # move V away from its nearest-rounding start
+        hard = wq.get_hard_value(layer.weight.detach())
+        module = unit_module(qmodel, block)
+        x = cifar_calib[:8]
+        from algorithms.graph import prefix_module
+        (inp,) = prefix_module(qmodel, [block.input])(x)
+        wq.adaround = False                            # evaluate the hard rounding through the weights
+        saved = layer.weight.detach().clone()
+        layer.weight.copy_(hard)
+        expected = module(inp)
+        layer.weight.copy_(saved)
+        wq.adaround = True
+        wq.harden(layer.weight)
+        assert not hasattr(wq, "alpha") and not wq.adaround
+        assert torch.equal(wq(layer.weight), layer.weight)   # on the grid: nearest rounding changes nothing
+        assert torch.equal(module(inp), expected)
+        assert not torch.equal(layer.weight, original)
+
+
+def test_beta_and_regulariser_follow_the_schedule(resnet20, cifar_calib):
+    phase = Phase("p", iters=100, warmup=0.2, beta_start=20.0, beta_end=2.0)
+    assert [beta_at(i, phase) for i in (0, 19, 20)] == [20.0, 20.0, 20.0]
+    assert beta_at(60, phase) == pytest.approx(11.0) and beta_at(100, phase) == pytest.approx(2.0)
+    torch.manual_seed(0)
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=50, log_every=1)
+    engine = Engine(qmodel, units[1:2], cifar_calib, CPU, EngineSettings(show_progress=False, log_every=1))
+    hist = engine.run(phases)[0]["history"]
+    rounds = dict(zip(hist["iter"], hist["round"]))
+    assert all(rounds[i] == 0.0 for i in range(10))          # warm-up: 20 % of 50 iterations
+    assert all(rounds[i] > 0.0 for i in range(10, 50))
+
+
+def _dry_run(config, *sets):
+    import ptq_main
+    out = io.StringIO()
+    args = ["--config", os.path.join(REPO, config), "--dry-run"]
+    for s in sets:
+        args += ["--set", s]
+    with redirect_stdout(out):
+        assert ptq_main.main(args) == 0
+    return out.getvalue()
+
+
+def test_dry_run_lists_resnet20_units():
+    text = _dry_run("configs/cifar10/resnet20_w4a4_qdrop.yaml", "data.calibration.num_images=32")
+    assert "11 reconstruction units (block):" in text
+    rows = [m.group(1) for m in re.finditer(r"^\s+\d+\s+(\S+)", text, re.M)]
+    assert rows == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear"]
+
+
+def test_dry_run_lists_mobilenet_v2_units():
+    text = _dry_run("configs/imagenet/mobilenet_v2_sample_w4a4_qdrop.yaml", "data.calibration.num_images=8")
+    assert "20 reconstruction units (block):" in text
+    rows = [m.group(1) for m in re.finditer(r"^\s+\d+\s+(\S+)", text, re.M)]
+    assert rows == ["features.0"] + [f"features.{i}" for i in range(1, 19)] + ["classifier.1"]
