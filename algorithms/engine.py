@@ -270,7 +270,7 @@ class Engine:
                 rec = reconstruction_loss(out, target, phase.rec_p)
                 beta = beta_at(it, phase)
                 if phase.learn_rounding and it >= phase.warmup * phase.iters:
-                    rnd = phase.round_weight * rounding_regulariser(unit, beta)
+                    rnd = phase.round_weight * rounding_regulariser(unit, beta).to(rec.device)
                 else:
                     rnd = torch.zeros((), device=rec.device)
                 extra = self.hooks.extra_loss(unit, out, idx, it, phase)
@@ -285,7 +285,7 @@ class Engine:
                 for sch in schedulers:
                     sch.step()
                 if it % s.log_every == 0 or it == phase.iters - 1:
-                    last = {"rec": rec.item(), "round": float(rnd), "total": loss.item(),
+                    last = {"rec": rec.item(), "round": rnd.item(), "total": loss.item(),
                             **{k: v.item() for k, v in extra.items()}}
                     hist["iter"].append(it)
                     for key, value in last.items():

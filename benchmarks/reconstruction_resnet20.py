@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"naive": "configs/cifar10/resnet20_w4a4_naive.yaml"}
@@ -25,7 +26,7 @@ for _m in ("adaround", "brecq", "brecq_joint", "qdrop"):
     CONFIGS[_m] = f"configs/cifar10/resnet20_w4a4_{_m}.yaml"
 
 
-def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str]) -> dict | None:
+def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], threads: int = 0) -> dict | None:
     w, a = bits[1:].split("A")
     run_dir = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}")
     results = os.path.join(run_dir, "results.json")
@@ -36,11 +37,18 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str]) 
     if method == "naive":
         overrides.append("algorithm.calib_images=null")  # naive observes all 1,024 calibration images here
     cmd = [sys.executable, "ptq_main.py", "--config", CONFIGS[method], "--quiet"]
+    env = dict(os.environ)
+    if threads:
+        # Small convolutions do not scale across cores: several single-thread runs side by side finish sooner
+        # than one run on all cores, and do not oversubscribe them.
+        overrides.append(f"runtime.threads={threads}")
+        env["OMP_NUM_THREADS"] = str(threads)
     for o in overrides + extra:
         cmd += ["--set", o]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
+    with open(os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}.log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not os.path.exists(results):
         print(f"  FAILED ({proc.returncode}) after {time.time() - start:.0f} s", flush=True)
         return None
@@ -62,16 +70,16 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1005])
     parser.add_argument("--out", default="benchmarks/runs/resnet20")
     parser.add_argument("--results", default="benchmarks/results/reconstruction_resnet20.md")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     args = parser.parse_args()
-    rows = []
-    for bits in args.bits:
-        for method in args.methods:
-            for seed in args.seeds:
-                r = run_one(method, bits, seed, os.path.join(REPO, args.out), args.extra)
-                if r is not None:
-                    rows.append(row(method, bits, seed, r))
-                    print(rows[-1], flush=True)
+    out_root = os.path.join(REPO, args.out)
+    os.makedirs(out_root, exist_ok=True)
+    cells = [(m, b, s) for m in args.methods for b in args.bits for s in args.seeds]
+    threads = 1 if args.jobs > 1 else 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda c: run_one(*c, out_root, args.extra, threads), cells))
+    rows = [row(*c, r) for c, r in zip(cells, results) if r is not None]
     header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | quantize s | iterations | "
               "ms / iteration | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])

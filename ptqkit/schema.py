@@ -38,7 +38,11 @@ def _type_name(tp) -> str:
         return f"{inner} or null"
     if origin in (list, tuple):
         (arg, *_) = typing.get_args(tp) or (Any,)
-        return f"a list of {_type_name(arg)}"
+        inner = _type_name(arg)
+        for article in ("an ", "a "):
+            if inner.startswith(article):
+                inner = inner[len(article):] + "s"
+        return f"a list of {inner}"
     if origin is dict or tp is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):

@@ -68,7 +68,7 @@ def test_bad_values_fail_in_one_line_naming_the_key(tree, message):
 
 def test_unknown_algorithm_lists_the_registered_ones():
     with pytest.raises(ConfigError, match=r"^config key 'algorithm\.name': expected a registered algorithm "
-                                          r"\(one of: adaround, brecq, brecq_joint, naive, qdrop.*\), got 'gptq'$"):
+                                          r"\(one of: adaround, brecq, brecq_joint, .*naive, .*qdrop.*\), got 'gptq'$"):
         validate(base_tree(algorithm={"name": "gptq"}))
 
 
