@@ -47,7 +47,8 @@ def _type_name(tp) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            Any: "a value (see its meaning)"}.get(tp, str(tp))
 
 
 def _convert(value, tp, path: str):
