@@ -1,0 +1,212 @@
+"""PD-Quant (Liu et al., CVPR 2023, arXiv 2212.07048): QDrop plus two switchable parts.
+
+Prediction difference (`pd`): the unit's quantized output goes through the rest of the network with every
+quantizer there off, to logits z_q; with z_fp the full-precision logits of the same calibration images (computed
+once per run), the loss adds
+
+    (1 / lamb_r) · KL(softmax(z_fp / T) || softmax(z_q / T))      (batch mean, no T² factor)
+
+Distribution correction (`dc`): before a unit learns, its full-precision input x̂ (started at the cached FP input
+x) is optimised, `dc_batch` images at a time, for `dc_steps` Adam steps (lr `bn_lr`, reduce-on-plateau: patience
+100, min lr 1e-5) on
+
+    Σ_BN ( ||μ_BN − μ_n(x̂)||² + ||σ_BN − σ_n(x̂)||² ) / n  +  ||x̂ − x||² / lamb_c
+
+μ_n, σ_n being each sample's per-channel mean and std at the input of a BatchNorm2d inside the unit (n samples),
+μ_BN, σ_BN its running statistics, and ||x̂ − x||² summed over channels, averaged over samples and positions. The
+target becomes FP_unit(x̂), and x̂ the FP branch of QDrop's input mix. The next unit's inputs come from the
+uncorrected cache: the reference re-runs its FP model on the images for every unit.
+
+Cost: the reference's DC is 500 steps per 32 images (16,000 unit forward/backward passes for 1,024 images), and PD
+adds a second unit forward and the network's remainder to every iteration (PD-Quant issue #4: several times
+QDrop). Adam moves each element of x̂ on its own, so a larger `dc_batch` changes little but the plateau schedule:
+fewer, larger steps, which pays where a large batch runs more efficiently (a GPU), not on one CPU thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from algorithms.engine import Hooks, UnitCache, reconstruction_loss
+from algorithms.graph import suffix_module
+from algorithms.qdrop import QDrop
+from algorithms.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
+from algorithms.registry import register
+from ptqkit.errors import ConfigError
+from ptqkit.schema import spec
+
+log = logging.getLogger(__name__)
+
+# (model name prefix, T, lamb_c) of the reference's run_script.py; anything else gets the ResNet values.
+PD_DEFAULTS_BY_MODEL = (("mobilenet_v2", 1.0, 0.005), ("mnasnet", 1.0, 0.001), ("regnet", 4.0, 0.01))
+PD_DEFAULTS = (4.0, 0.02)
+BN_EPS = 1e-6                     # the reference's, not the BN layer's own eps
+DC_PATIENCE, DC_MIN_LR = 100, 1e-5
+
+
+def prediction_difference(z_q: torch.Tensor, z_fp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(z_fp / T) || softmax(z_q / T)), summed over classes, averaged over the batch."""
+    # Both sides as log-probabilities: equal logits give exactly 0.
+    return F.kl_div(F.log_softmax(z_q / temperature, 1), F.log_softmax(z_fp / temperature, 1),
+                    reduction="batchmean", log_target=True)
+
+
+@contextlib.contextmanager
+def bn_inputs(bns: list[nn.BatchNorm2d]):
+    """{BN layer: its input at the latest forward}; the hooks go when the block ends."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+    handles = [bn.register_forward_pre_hook(lambda m, args: seen.__setitem__(m, args[0])) for bn in bns]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def bn_distance(seen: dict, bns: list[nn.BatchNorm2d]) -> torch.Tensor:
+    total = 0.0
+    for bn in bns:
+        flat = seen[bn].flatten(2)
+        mean, std = flat.mean(2), (flat.var(2) + BN_EPS).sqrt()
+        total = total + ((mean - bn.running_mean).pow(2).sum()
+                         + (std - (bn.running_var + BN_EPS).sqrt()).pow(2).sum()) / len(flat)
+    return total
+
+
+def correct_inputs(module: nn.Module, bns: list[nn.BatchNorm2d], fp_in: torch.Tensor, params, device,
+                   store_device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """x̂ and FP_unit(x̂) over all of `fp_in`, and the BN distance (mean over chunks) before and after."""
+    corrected, outputs, before, after = [], [], 0.0, 0.0
+    with fp_mode(module), bn_inputs(bns) as seen:
+        for start in range(0, len(fp_in), params.dc_batch):
+            x = fp_in[start:start + params.dc_batch].to(device, torch.float32)
+            x_hat = x.clone().requires_grad_(True)
+            opt = torch.optim.Adam([x_hat], lr=params.bn_lr)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=DC_PATIENCE, min_lr=DC_MIN_LR)
+            with torch.no_grad():
+                module(x)
+                before += bn_distance(seen, bns).item()
+            with torch.enable_grad():
+                for _ in range(params.dc_steps):
+                    module(x_hat)
+                    loss = bn_distance(seen, bns) + reconstruction_loss(x_hat, x, 2.0) / params.lamb_c
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward(inputs=[x_hat])          # the unit's own weights need no gradient
+                    opt.step()
+                    plateau.step(loss.item())
+            with torch.no_grad():
+                outputs.append(module(x_hat).to(store_device, dtype))
+                after += bn_distance(seen, bns).item()
+            corrected.append(x_hat.detach().to(store_device, dtype))
+            seen.clear()
+    chunks = len(corrected)
+    return torch.cat(corrected), torch.cat(outputs), before / chunks, after / chunks
+
+
+class PDQuantHooks(Hooks):
+    def __init__(self, gm, params, fp_logits: Optional[torch.Tensor], device: torch.device):
+        self.gm, self.params, self.fp_logits, self.device = gm, params, fp_logits, device
+        self.module = self.cache = self.suffix = None
+        self.suffix_quantizers: list = []
+
+    def unit_start(self, unit, module, cache, phase):
+        p = self.params
+        self.module = module
+        if p.pd:
+            try:
+                self.suffix = suffix_module(self.gm, unit.output)
+            except ValueError:
+                raise ConfigError("algorithm.granularity", "units that end where the rest of the network needs "
+                                  f"nothing else (algorithm.pd: unit {unit.name} does not)", p.granularity) from None
+            self.suffix_quantizers = [q for _, q in fake_quantizers(self.suffix)]
+        bns = [m for m in unit.modules.values() if isinstance(m, nn.BatchNorm2d)]
+        if p.dc and bns and p.dc_steps > 0:
+            start = time.perf_counter()
+            fp_in, fp_out, before, after = correct_inputs(module, bns, cache.fp_in, p, self.device,
+                                                          cache.fp_in.device, cache.fp_in.dtype)
+            log.info("%s distribution correction: BN distance %.4g -> %.4g (%.1f s)", unit.name, before, after,
+                     time.perf_counter() - start)
+            cache = UnitCache(cache.q_in, fp_in, fp_out)   # the engine carries its own, uncorrected cache on
+        self.cache = cache
+        return cache
+
+    def extra_loss(self, unit, out_q, idx, it, phase):
+        p = self.params
+        if not p.pd:
+            return {}
+        if p.pd_output == "shared":
+            out = out_q
+        else:
+            # The reference runs the unit on [mixed input; quantized input] in one batch and feeds the second half
+            # on: the quantized input, activation drop still on. `rerun_nodrop` keeps every quantizer.
+            q_in = self.cache.q_in[idx].to(out_q.device, torch.float32)
+            drop = keep_probability(unit.act_quantizers, 1.0) if p.pd_output == "rerun_nodrop" else \
+                contextlib.nullcontext()
+            with drop:
+                out = self.module(q_in)
+        with quant_state(self.suffix, only=self.suffix_quantizers, quantize=False):
+            z_q = self.suffix(out)
+        z_fp = self.fp_logits[idx].to(z_q.device, torch.float32)
+        return {"pd": prediction_difference(z_q, z_fp, p.T) / p.lamb_r}
+
+    def unit_end(self, unit):
+        self.module = self.cache = self.suffix = None
+        self.suffix_quantizers = []
+
+
+@register("pdquant")
+class PDQuant(QDrop):
+    @dataclass
+    class Config(QDrop.Config):
+        w_lr: float = spec(3e-3, lo=0.0, doc="Adam learning rate of the rounding variables V (PD-Quant: 3e-3)")
+        pd: bool = spec(True, doc="prediction difference term")
+        lamb_r: float = spec(0.1, doc="prediction difference weight is 1 / lamb_r")
+        T: Optional[float] = spec(None, doc="softmax temperature; null = per architecture (4.0; MobileNetV2, "
+                                            "MNasNet 1.0)")
+        pd_output: str = spec("rerun", choices=("rerun", "rerun_nodrop", "shared"),
+                              doc="unit output fed to the rest of the network: rerun = the unit again on its "
+                                  "quantized input, activation drop on (reference code); rerun_nodrop = the same "
+                                  "fully quantized; shared = the reconstruction forward's own output (cheapest)")
+        dc: bool = spec(True, doc="distribution correction of each unit's FP input (needs quant.fold_bn false)")
+        lamb_c: Optional[float] = spec(None, doc="DC constraint weight is 1 / lamb_c; null = per architecture "
+                                                 "(0.02; RegNetX 0.01; MobileNetV2 0.005; MNasNet 0.001)")
+        bn_lr: float = spec(1e-3, doc="DC: Adam learning rate of the corrected input")
+        dc_steps: int = spec(500, lo=0, doc="DC: Adam steps per chunk of dc_batch images")
+        dc_batch: int = spec(32, lo=1, doc="DC: images corrected together (reference: 32)")
+
+        def check(self, path):
+            for key in ("lamb_r", "T", "lamb_c", "bn_lr"):
+                value = getattr(self, key)
+                if value is not None and value <= 0:
+                    raise ConfigError(f"{path}.{key}", "a value > 0", value)
+
+        def finalize(self, cfg) -> None:
+            super().finalize(cfg)
+            name = cfg.model.name
+            T, lamb_c = next(((t, c) for prefix, t, c in PD_DEFAULTS_BY_MODEL if name.startswith(prefix)),
+                             PD_DEFAULTS)
+            self.T = T if self.T is None else self.T
+            self.lamb_c = lamb_c if self.lamb_c is None else self.lamb_c
+            if self.dc and cfg.quant.fold_bn:
+                raise ConfigError("quant.fold_bn", "false when algorithm.dc is true (distribution correction "
+                                  "needs the BN layers)", True)
+
+    def phases(self):
+        return [dataclasses.replace(ph, name=ph.name.replace("qdrop", "pdquant")) for ph in super().phases()]
+
+    def hooks(self, qmodel, units, ctx):
+        fp_logits = None
+        if self.params.pd:
+            # Fixed for the whole run: the FP network never changes, and the engine draws batches by image index.
+            with torch.no_grad():
+                fp_logits = torch.cat([ctx.fp_model(ctx.calib_images[i:i + 256].to(ctx.device)).cpu()
+                                       for i in range(0, len(ctx.calib_images), 256)])
+        return PDQuantHooks(qmodel, self.params, fp_logits, ctx.device)
