@@ -14,6 +14,9 @@ x_mix = where(u < input_prob, x_q, x_fp) element-wise (QDrop); inside the unit e
 quantization per element with probability `keep_prob`. V learns with Adam (`w_lr`), s with Adam (`a_lr`) under a
 cosine decay to 0. At the end of a unit the rounding is made hard and written into the weights.
 
+A method may replace the first term (`Hooks.reconstruction`, e.g. PTMQ's loss over several bit-widths) and add
+the others (`Hooks.extra_loss`); the rounding regulariser and the schedules stay the engine's.
+
 Memory: only the current unit's cached inputs and targets are held (on `cache_device`, in `cache_dtype`); for a
 chain of units the next unit's inputs are produced from the current unit's cache, so no unit re-runs the network.
 """
@@ -83,6 +86,15 @@ class Hooks:
 
     def unit_start(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> UnitCache:
         return cache
+
+    def reconstruction(self, unit: Unit, module: fx.GraphModule, q_in: torch.Tensor, fp_in: torch.Tensor,
+                       target: torch.Tensor, idx: torch.Tensor, it: int,
+                       phase: Phase) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The unit's output on one batch and its reconstruction term (`q_in` is already mixed with `fp_in` as the
+        phase says; `idx` indexes the cached inputs). A method replaces it when its term needs more than one run
+        of the unit (PTMQ: one per bit-width). The dict holds parts of the term, logged but not added again."""
+        out = module(q_in)
+        return out, reconstruction_loss(out, target, phase.rec_p), {}
 
     def extra_loss(self, unit: Unit, out_q: torch.Tensor, idx: torch.Tensor, it: int,
                    phase: Phase) -> dict[str, torch.Tensor]:
@@ -243,8 +255,9 @@ class Engine:
         quantizers = unit.act_quantizers if phase.quant_acts else []
         if phase.learn_act_scale and phase.quant_acts:
             for q in quantizers:
-                q.scale.requires_grad_(True)
-                a_params.append(q.scale)
+                for step in q.step_parameters():
+                    step.requires_grad_(True)
+                    a_params.append(step)
         optimisers, schedulers = [], []
         if w_params:
             optimisers.append(torch.optim.Adam(w_params, lr=phase.w_lr))
@@ -266,8 +279,7 @@ class Engine:
                 q_in, fp_in, target = cache.batch(idx, device)
                 if phase.input_prob < 1.0:
                     q_in = torch.where(torch.rand_like(q_in) < phase.input_prob, q_in, fp_in)
-                out = module(q_in)
-                rec = reconstruction_loss(out, target, phase.rec_p)
+                out, rec, parts = self.hooks.reconstruction(unit, module, q_in, fp_in, target, idx, it, phase)
                 beta = beta_at(it, phase)
                 if phase.learn_rounding and it >= phase.warmup * phase.iters:
                     rnd = phase.round_weight * rounding_regulariser(unit, beta).to(rec.device)
@@ -286,13 +298,14 @@ class Engine:
                     sch.step()
                 if it % s.log_every == 0 or it == phase.iters - 1:
                     last = {"rec": rec.item(), "round": rnd.item(), "total": loss.item(),
-                            **{k: v.item() for k, v in extra.items()}}
+                            **{k: v.item() for k, v in {**parts, **extra}.items()}}
                     hist["iter"].append(it)
                     for key, value in last.items():
                         hist.setdefault(key, []).append(value)
                     bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
         for q in quantizers:
-            q.scale.requires_grad_(False)
+            for step in q.step_parameters():
+                step.requires_grad_(False)
         if phase.learn_rounding:
             for layer, wq in unit.weight_quantizers:
                 wq.harden(layer.weight)

@@ -5,12 +5,15 @@
   that plain round-to-nearest reproduces them and the learned state can be dropped.
 - `ActQuantizer` (an MQBench `QDropFakeQuantize`): LSQ-style learnable step size with a keep probability: each
   element is quantized with probability `keep_prob` (QDrop), otherwise passed through in full precision.
+- `MultiBitActQuantizer` (an `ActQuantizer`): one step size and zero point per bit-width of a set, `active_bits`
+  selecting the one in use (PTMQ); `activation_bits(model, bits)` switches a whole model at run time.
 
-Both register themselves in MQBench's fake-quant table so `prepare_by_platform` inserts them by name.
+All three register themselves in MQBench's fake-quant table so `prepare_by_platform` inserts them by name.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Iterable, Iterator
 
@@ -117,6 +120,10 @@ class ActQuantizer(QDropFakeQuantize):
     def keep_prob(self, value: float) -> None:
         self.prob = float(value)
 
+    def step_parameters(self) -> list[nn.Parameter]:
+        """The learnable step sizes reconstruction optimises (one here; a multi-bit quantizer has one per bit-width)."""
+        return [self.scale]
+
     def forward(self, X):
         if self.observer_enabled[0] == 1 or self.fake_quant_enabled[0] != 1 or self.is_per_channel:
             return super().forward(X)
@@ -208,3 +215,131 @@ def set_bits(q: QuantizeBase, bits: int) -> None:
     q.quant_min, q.quant_max, q.bitwidth = qmin, qmax, bits
     obs = q.activation_post_process
     obs.quant_min, obs.quant_max = qmin, qmax
+
+
+# ------------------------------------------------------------------------------------ multi-bit activations
+class MultiBitActQuantizer(ActQuantizer):
+    """An activation quantizer with one learnable step size and zero point per bit-width of `bit_set` (PTMQ).
+
+    `active_bits` selects the pair the forward uses. `scale` and `zero_point` are the selected pair itself (the
+    same Parameter / buffer objects as `scale_b<bits>` / `zero_point_b<bits>`), and `quant_min`, `quant_max`,
+    `bitwidth` and the observer's range follow the selection, so the forward, the observers, export and saving
+    see an ordinary quantizer at the selected bit-width, and learning `scale` learns the selected step.
+    """
+
+    def __init__(self, observer, bit_set=(4, 6, 8), active_bits: int | None = None, **observer_kwargs):
+        super().__init__(observer, **observer_kwargs)
+        self.bit_set = tuple(sorted(set(int(b) for b in bit_set)))
+        initial_scale, initial_zero_point = self.scale.detach().clone(), self.zero_point.clone()
+        for bits in self.bit_set:
+            self.register_parameter(f"scale_b{bits}", nn.Parameter(initial_scale.clone(),
+                                                                   requires_grad=self.scale.requires_grad))
+            self.register_buffer(f"zero_point_b{bits}", initial_zero_point.clone())
+        self.active_bits = None
+        self.set_active_bits(active_bits if active_bits is not None else self.bit_set[0])
+
+    @classmethod
+    def from_quantizer(cls, q: ActQuantizer, bit_set, active_bits: int) -> "MultiBitActQuantizer":
+        """A multi-bit quantizer with `q`'s observer (a copy), switches and keep probability; every bit-width's
+        step starts at `q`'s step."""
+        new = cls(lambda: copy.deepcopy(q.activation_post_process), bit_set=bit_set, active_bits=active_bits)
+        new.fake_quant_enabled.copy_(q.fake_quant_enabled)
+        new.observer_enabled.copy_(q.observer_enabled)
+        new.prob = q.prob
+        with torch.no_grad():
+            for bits in new.bit_set:
+                getattr(new, f"scale_b{bits}").copy_(q.scale.detach())
+                getattr(new, f"zero_point_b{bits}").copy_(q.zero_point)
+        return new.to(q.scale.device)
+
+    def set_active_bits(self, bits: int) -> None:
+        bits = int(bits)
+        if bits not in self.bit_set:
+            raise ValueError(f"{bits}-bit activations are not in this quantizer's bit set "
+                             f"{', '.join(map(str, self.bit_set))}")
+        # Aliasing (not copying) keeps every bit-width's step learnable through `scale` while it is selected.
+        self._parameters["scale"] = self._parameters[f"scale_b{bits}"]
+        self._buffers["zero_point"] = self._buffers[f"zero_point_b{bits}"]
+        set_bits(self, bits)
+        self.active_bits = bits
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, f"scale_b{bits}") for bits in self.bit_set]
+
+    def _apply(self, fn, *args, **kwargs):
+        # A dtype/device conversion may replace Parameter objects one name at a time, which would split the
+        # alias between `scale` and the selected `scale_b<bits>`: point it again.
+        super()._apply(fn, *args, **kwargs)
+        if self.active_bits is not None:
+            self.set_active_bits(self.active_bits)
+        return self
+
+    def extra_repr(self):
+        return super().extra_repr() + f", bit_set={list(self.bit_set)}, active_bits={self.active_bits}"
+
+
+_mq_prepare.FakeQuantizeDict.setdefault("PTQMultiBitActQuantizer", MultiBitActQuantizer)
+
+
+def multibit_quantizers(module: nn.Module) -> list[MultiBitActQuantizer]:
+    return [m for _, m in fake_quantizers(module) if isinstance(m, MultiBitActQuantizer)]
+
+
+def make_multibit(gm: nn.Module, name: str, bit_set, active_bits: int) -> MultiBitActQuantizer:
+    """Replace the activation quantizer `name` of `gm` by a multi-bit one built from it; return the new one."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    old = getattr(parent, attr)
+    if not isinstance(old, ActQuantizer):
+        raise TypeError(f"{name} is a {type(old).__name__}, not an activation quantizer")
+    new = MultiBitActQuantizer.from_quantizer(old, bit_set, active_bits)
+    setattr(parent, attr, new)
+    return new
+
+
+@contextlib.contextmanager
+def active_bits(quantizers: Iterable[MultiBitActQuantizer], bits: int):
+    """Select `bits` in the given multi-bit quantizers; restore each one's previous selection after."""
+    quantizers = list(quantizers)
+    saved = [q.active_bits for q in quantizers]
+    try:
+        for q in quantizers:
+            q.set_active_bits(bits)
+        yield
+    finally:
+        for q, b in zip(quantizers, saved):
+            q.set_active_bits(b)
+
+
+def set_activation_bits(model: nn.Module, bits: int) -> dict[str, int]:
+    """Switch every multi-bit activation quantizer of `model` to `bits`; return the previous selection by name.
+
+    Quantizers that are not multi-bit (those the 8-bit conventions fix: network input, last layer's input) keep
+    their bit-width. Nothing changes if `bits` is not available everywhere."""
+    quantizers = {n: q for n, q in fake_quantizers(model) if isinstance(q, MultiBitActQuantizer)}
+    if not quantizers:
+        raise ValueError("the model has no multi-bit activation quantizers (quantize it with algorithm ptmq)")
+    available = sorted(set.intersection(*(set(q.bit_set) for q in quantizers.values())))
+    if int(bits) not in available:
+        raise ValueError(f"{bits}-bit activations are not available in this model (bit set: "
+                         f"{', '.join(map(str, available))})")
+    previous = {n: q.active_bits for n, q in quantizers.items()}
+    for q in quantizers.values():
+        q.set_active_bits(bits)
+    return previous
+
+
+@contextlib.contextmanager
+def activation_bits(model: nn.Module, bits: int):
+    """Run `model` with its multi-bit activation quantizers at `bits`; the previous selection is restored after.
+
+        with activation_bits(qmodel, 6):
+            logits = qmodel(images)
+    """
+    previous = set_activation_bits(model, bits)
+    modules = dict(model.named_modules())
+    try:
+        yield model
+    finally:
+        for name, b in previous.items():
+            modules[name].set_active_bits(b)

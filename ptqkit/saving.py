@@ -7,6 +7,8 @@ than `load_state_dict`:
   shape [C] during calibration: those tensors are resized to the saved shape before loading;
 - quantizer attributes that are not tensors (integer range, keep probability, learned-rounding mode) are not in the
   state dict: they are saved beside it and restored, so the reloaded model computes what was evaluated;
+- a multi-bit activation quantizer (PTMQ) is rebuilt as one from the ordinary quantizer the config creates, with
+  its bit set and its selected bit-width, before its per-bit steps are loaded;
 - a weight quantizer still in learned-rounding mode (not hardened) keeps its `alpha`: the reloaded quantizer is
   put back in that mode with the saved `alpha`.
 """
@@ -23,12 +25,14 @@ FORMAT = "ptqkit-quantized-v1"
 
 
 def _quantizer_attrs(qmodel: nn.Module) -> dict:
-    from algorithms.quantizers import ActQuantizer, WeightQuantizer, fake_quantizers
+    from algorithms.quantizers import ActQuantizer, MultiBitActQuantizer, WeightQuantizer, fake_quantizers
     attrs = {}
     for name, q in fake_quantizers(qmodel):
         entry = {"quant_min": int(q.quant_min), "quant_max": int(q.quant_max), "bitwidth": int(q.bitwidth)}
         if isinstance(q, ActQuantizer):
             entry["keep_prob"] = float(q.keep_prob)
+        if isinstance(q, MultiBitActQuantizer):
+            entry["bit_set"] = list(q.bit_set)
         if isinstance(q, WeightQuantizer) and getattr(q, "adaround", False):
             entry["learned_rounding"] = True
             entry["round_mode"] = str(q.round_mode)
@@ -89,7 +93,7 @@ def _match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> 
 
 def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     """The quantized model (as it was evaluated when saved, observers off, eval mode) and its config."""
-    from algorithms.quantizers import fake_quantizers
+    from algorithms.quantizers import fake_quantizers, make_multibit
     from models import build_model
     from ptqkit.config import validate
     from ptqkit.quantize import prepare_quantized
@@ -105,9 +109,15 @@ def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     fp = build_model(cfg.model.name, **cfg.model.kwargs).eval()
     qmodel, _ = prepare_quantized(fp, cfg.quant, cfg.model.leaf_modules)
     state = blob["state_dict"]
+    attrs = blob.get("quantizers", {})
+    built = dict(fake_quantizers(qmodel))
+    for name, entry in attrs.items():
+        if "bit_set" in entry and name in built:
+            # The config builds ordinary activation quantizers; PTMQ made these multi-bit after preparation.
+            make_multibit(qmodel, name, entry["bit_set"], entry["bitwidth"])
     quantizers = dict(fake_quantizers(qmodel))
     # Files saved before the attributes were recorded rely on the config's bit conventions alone.
-    _restore_attrs(quantizers, blob.get("quantizers", {}), state, path)
+    _restore_attrs(quantizers, attrs, state, path)
     _match_quantizer_shapes(qmodel, quantizers, state)
     try:
         missing, unexpected = qmodel.load_state_dict(state, strict=False)

@@ -32,6 +32,9 @@ RECIPES = {
                                                  "act_iters": 5000}),
     "qdrop": (("w4a4", "w2a4", "w3a3", "w2a2"), {"name": "qdrop", "iters": 20000, "batch_size": 32,
                                                  "prob": 0.5, "input_prob": 0.5}),
+    # weight, T and lamb_c resolve per architecture; BN stays unfolded (quant.fold_bn false) for the correction.
+    "pdquant": (("w4a4", "w2a4", "w4a2", "w2a2"), {"name": "pdquant", "iters": 20000, "batch_size": 32,
+                                                   "prob": 0.5, "input_prob": 0.5}),
 }
 
 
