@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,9 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
     results = os.path.join(run_dir, "results.json")
     if os.path.exists(results):
         return json.load(open(results))
+    if os.path.isdir(run_dir):
+        # An interrupted run: start it again in the same folder (the pipeline never writes into a used one).
+        shutil.rmtree(run_dir)
     overrides = [f"quant.w.bits={w}", f"quant.a.bits={a}", f"runtime.seed={seed}",
                  f"runtime.output_dir={run_dir}", "runtime.save_model=false"]
     if method == "naive":
