@@ -68,7 +68,7 @@ def resnet20():
 
 
 @torch.no_grad()
-def top1(model, images, labels, batch_size=1000) -> float:
+def top1(model, images, labels, batch_size=250) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):

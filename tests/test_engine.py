@@ -35,7 +35,7 @@ def _state(qmodel):
 
 def test_reconstruction_beats_round_to_nearest_and_restores_state(resnet20, cifar_calib):
     torch.manual_seed(0)
-    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=150)
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=150, act_init_images=64)
     block = units[1]                                   # layer1.0, a real BasicBlock
     assert block.name == "layer1.0"
     engine = Engine(qmodel, [block], cifar_calib, CPU, EngineSettings(show_progress=False, log_every=10))
@@ -82,7 +82,7 @@ def test_beta_and_regulariser_follow_the_schedule(resnet20, cifar_calib):
     assert [beta_at(i, phase) for i in (0, 19, 20)] == [20.0, 20.0, 20.0]
     assert beta_at(60, phase) == pytest.approx(11.0) and beta_at(100, phase) == pytest.approx(2.0)
     torch.manual_seed(0)
-    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=50, log_every=1)
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=50, log_every=1, act_init_images=0)
     engine = Engine(qmodel, units[1:2], cifar_calib, CPU, EngineSettings(show_progress=False, log_every=1))
     hist = engine.run(phases)[0]["history"]
     rounds = dict(zip(hist["iter"], hist["round"]))
