@@ -22,6 +22,7 @@ generator trains) and frozen after.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -213,6 +214,8 @@ class FDDA(Algorithm):
         cosine_epochs: Optional[int] = spec(None, lo=1, doc="half-period of the student's cosine schedule in "
                                                             "epochs; null = the fine-tuning length (one decay to "
                                                             "0); the reference uses 100 (restarts)")
+        eval_before_finetuning: bool = spec(False, doc="also evaluate the quantized model as it is just before "
+                                                       "the first student step (results.json extra_evaluations)")
 
         def finalize(self, cfg) -> None:
             if self.warmup_epochs >= self.epochs:
@@ -243,11 +246,12 @@ class FDDA(Algorithm):
                                    ctx.cfg.data.calibration.batch_size, ctx.device)
 
     def _start_layer(self, n_layers: int) -> int:
-        p = self.params
-        start = (n_layers + 1) // 2 - 2 if p.bns_start_layer is None else p.bns_start_layer
-        if not 0 <= start < n_layers:
+        start = self.params.bns_start_layer
+        if start is None:
+            return max((n_layers + 1) // 2 - 2, 0)
+        if start >= n_layers:
             raise ConfigError("algorithm.bns_start_layer", f"an index below the model's {n_layers} BN layers", start)
-        return max(start, 0)
+        return start
 
     def describe(self, ctx: RunContext) -> str:
         p = self.params
@@ -289,6 +293,7 @@ class FDDA(Algorithm):
             s_opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / cosine_steps)))
 
         history, seconds = [], {"generator": 0.0, "student": 0.0}
+        self._snapshot = None
         total = p.epochs * p.iters_per_epoch
         with frozen(teacher), tqdm(total=total, desc="fdda", unit="it", disable=not ctx.show_progress) as bar:
             for epoch in range(p.epochs):
@@ -306,6 +311,8 @@ class FDDA(Algorithm):
                         fake = self._generator_step(gen_state, teacher, epoch, stats)
                         seconds["generator"] += time.perf_counter() - start
                     start = time.perf_counter()
+                    if train_student and p.eval_before_finetuning and self._snapshot is None:
+                        self._snapshot = self._frozen_copy(qmodel, images[:1].to(device))
                     if train_student:
                         self._student_step(qmodel, teacher, real, fake, s_opt, w_quant, a_quant, observe_acts,
                                            stats, device)
@@ -343,12 +350,10 @@ class FDDA(Algorithm):
         optimizer = torch.optim.Adam(generator.parameters(), lr=p.g_lr, betas=tuple(p.g_betas))
         centers = self._centers(ctx)
         layers = batchnorm_layers(teacher)
-        with torch.no_grad():
-            logits = torch.cat([teacher(images[i:i + 64].to(ctx.device)) for i in range(0, len(images), 64)])
-        correct = (logits.argmax(1).cpu() == ctx.calib_labels)
         classes = centers["classes"].tolist()
         # A class is trusted when the teacher gets most of its real images right (with one image: that image).
-        trusted = [c for c in classes if correct[ctx.calib_labels == c].float().mean() >= 0.5]
+        trusted = [c for c, hits, n in zip(classes, centers["correct"].tolist(), centers["counts"].tolist())
+                   if 2 * hits >= n]
         if not trusted:
             ctx.log.warning("fdda: the teacher misclassifies every calibration image; single-class batches use "
                             "all classes")
@@ -447,6 +452,20 @@ class FDDA(Algorithm):
         loss.backward()
         optimizer.step()
         stats.add(s_loss=loss.item(), s_acc=(logits.argmax(1) == y).float().mean().item() * 100)
+
+    def _frozen_copy(self, qmodel, sample) -> nn.Module:
+        snapshot = copy.deepcopy(qmodel)
+        self._finalize_quantizers(snapshot, weight_quantizers(snapshot), sample)
+        return snapshot
+
+    def extra_evaluations(self, ctx: RunContext, qmodel, evaluate) -> dict | None:
+        """The model before fine-tuning (quantizer ranges observed, weights untouched): what fine-tuning adds."""
+        snapshot, self._snapshot = getattr(self, "_snapshot", None), None
+        if snapshot is None:
+            return None
+        result = evaluate(snapshot, "eval before fine-tuning")
+        ctx.log.info("fdda: top-1 %.2f %% before fine-tuning (ranges observed, weights untouched)", result["top1"])
+        return {"before_finetuning": result}
 
     @staticmethod
     @torch.no_grad()

@@ -10,6 +10,7 @@ import torchvision.models as tvm
 from torchvision.models.regnet import BlockParams, RegNet
 
 from models.cifar_resnet import CifarResNet
+from models.mobilenet_v1 import MobileNetV1
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -45,6 +46,7 @@ for _depth in (20, 32, 44, 56):
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     register_model(_name, partial(getattr(tvm, _name), weights=None))
 register_model("mobilenet_v2", partial(tvm.mobilenet_v2, weights=None))  # kwargs: width_mult 1.0/0.75/0.5/0.35
+register_model("mobilenet_v1", MobileNetV1)  # kwargs: num_classes, width_mult, dropout
 register_model("mnasnet", lambda alpha=1.0, **kw: tvm.MNASNet(alpha, **kw))  # alpha 0.5/0.75/1.0/1.3/2.0
 register_model("regnetx_400mf", partial(tvm.regnet_x_400mf, weights=None))
 register_model("regnetx_800mf", partial(tvm.regnet_x_800mf, weights=None))

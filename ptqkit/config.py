@@ -16,7 +16,7 @@ import yaml
 from ptqkit.errors import ConfigError, UserError
 from ptqkit.schema import build, spec, to_dict
 
-OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse", "hist_mse")
+OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse", "hist_mse")  # hist_mse: fast MSE search, ptqkit.observers
 PRESETS = ("imagenet", "cifar10", "imagenet_pm1")
 BACKENDS = ("academic",)
 

@@ -9,9 +9,10 @@ searches the same candidates, `[min, max] * (1 - 0.01 i)`, but
   inside each bin, so a bin contributes its count times the mean of |x - Q(x)|^p over the bin: clipping error
   outside the grid, the rounding sawtooth inside it, both integrated exactly. Exact zeros (half of a post-ReLU
   tensor) are counted apart: zero is always on the grid, so they cost nothing, and spreading them over the first
-  bin would charge them rounding error at fine grids.
+  bin would charge them rounding error at fine grids. On ResNet-20 activations the chosen range's true error is
+  MQBench's exact search's at 4 bits and within 0.03 % of it at 8 bits (tests/test_observers.py).
 - per-channel (weights): an exact search, all candidates of a chunk fake-quantized at once with arithmetic that is
-  bit for bit MQBench's, so it picks exactly MQBench's ranges, in a third to a half of MQBench's time.
+  bit for bit MQBench's, so it picks exactly MQBench's ranges, in 20-40 % of MQBench's time on CPU.
 
 What is searched differs from MQBench's per-tensor observers in one way, on purpose: MQBench searches each batch
 alone and takes the union (MSE) or a moving average (EMA-MSE) of the per-batch ranges; here the range minimises the
@@ -40,7 +41,7 @@ from mqbench.observer import ObserverBase
 
 PER_TENSOR_CANDIDATES = 95   # MQBench's per-tensor grid: shrink factors 1.00 ... 0.06
 PER_CHANNEL_CANDIDATES = 80  # MQBench's per-channel grid: 1.00 ... 0.21
-_CHUNK_ELEMENTS = 1 << 22    # fake-quantized values held at once by the per-channel search (16 MB)
+_CHUNK_ELEMENTS = 1 << 18    # values the per-channel search quantizes at once: 1 MB stays in cache
 
 
 def shrink_factors(n: int, device=None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from mqbench.observer import MSEObserver
 from conftest import base_tree, top1
 from ptqkit.observers import PER_TENSOR_CANDIDATES, HistogramMSEObserver, shrink_factors
 
-# Quantizer inputs in the Academic backend: post-ReLU (all >= 0, half zeros) in each stage; plus a signed BN output.
+# Quantizer inputs in the Academic backend: post-ReLU (>= 0, many exact zeros) in each stage; a signed BN output.
 TENSORS = ("relu", "layer2.0.relu2", "layer3.2.relu1", "layer1.1.bn2")
 
 
@@ -131,7 +131,7 @@ def test_per_channel_weight_search_equals_brute_force(resnet20, bits, p):
         assert torch.equal(ours.min_val, ref_min) and torch.equal(ours.max_val, ref_max), name
 
 
-def test_candidate_grid_is_mqbench_s():
+def test_candidate_grid_is_mqbench_grid():
     factors = shrink_factors(PER_TENSOR_CANDIDATES)
     assert factors[0] == 1.0 and float(factors[-1]) == pytest.approx(0.06) and len(factors) == 95
 

@@ -6,7 +6,8 @@ mean and (biased) variance over N, H, W of what that BN normalises — its input
 The model, checkpoint, data and calibration draw come from the run config (FDDA's: one image per class,
 `data.calibration.per_class: 1`). The file holds a dict: `layers` (BN module names in forward order), `classes`
 (the class indices present), `mean` and `var` (one tensor per layer, shape classes x channels), `counts` (images per
-class), and the model name; the `fdda` algorithm takes it through `algorithm.centers` or recomputes it itself.
+class), `correct` (how many of them the model classifies correctly), and the model name; the `fdda` algorithm
+takes it through `algorithm.centers` or recomputes it itself.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def compute_bns_centers(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         device=None) -> dict:
     """BNS centers of `model` (eval mode) on `images` grouped by `labels`.
 
-    A class with more images than `batch_size` is processed in chunks; sums and sums of squares are accumulated
-    in float64 so the result equals the statistics of the whole class batch.
+    Images of several classes share a forward pass: eval-mode BN treats samples independently, so per-sample
+    sums and sums of squares (float64) added up per class give exactly the statistics of each class's batch.
     """
     if len(images) != len(labels):
         raise UserError(f"BNS centers: {len(images)} images but {len(labels)} labels")
@@ -61,41 +62,55 @@ def compute_bns_centers(model: nn.Module, images: torch.Tensor, labels: torch.Te
     if not layers:
         raise UserError(f"BNS centers: model '{type(model).__name__}' has no BatchNorm layer")
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    classes = sorted(set(labels.tolist()))
-    means = [[] for _ in layers]
-    variances = [[] for _ in layers]
-    counts = []
-    sums: dict[int, list] = {}
+    classes, slot = torch.unique(labels, return_inverse=True)  # slot: row of each image's class
+    n_classes = len(classes)
+    sums: list = [None] * len(layers)
+    squares: list = [None] * len(layers)
+    positions = [0] * len(layers)
+    batch_slot: torch.Tensor = slot[:0]
 
     def accumulate(i, x):
-        x = x.detach().double().transpose(0, 1).flatten(1)  # channels x (N*H*W)
-        s, sq, n = sums.get(i, (0.0, 0.0, 0))
-        sums[i] = (s + x.sum(1), sq + (x * x).sum(1), n + x.shape[1])
+        per_sample = x.detach().flatten(2) if x.dim() > 2 else x.detach().unsqueeze(2)  # N x C x positions
+        # Per-sample moments in the input's precision (torch's var_mean is numerically stable), then combined
+        # per class in float64: n·(var + mean²) is the sample's sum of squares.
+        var, mean = torch.var_mean(per_sample, dim=2, unbiased=False)
+        var, mean = var.double(), mean.double()
+        if sums[i] is None:
+            sums[i] = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, device=x.device)
+            squares[i] = torch.zeros_like(sums[i])
+            positions[i] = per_sample.shape[2]
+        rows = batch_slot.to(x.device)
+        sums[i].index_add_(0, rows, mean * positions[i])
+        squares[i].index_add_(0, rows, (var + mean * mean) * positions[i])
 
+    correct = torch.zeros(n_classes, dtype=torch.long)
+    was_training = model.training
+    model.eval()
     try:
         with record_bn_inputs(layers, accumulate):
-            for cls in classes:
-                members = images[labels == cls]
-                sums.clear()
-                for start in range(0, len(members), batch_size):
-                    model(members[start:start + batch_size].to(device))
-                for i in range(len(layers)):
-                    s, sq, n = sums[i]
-                    mean = s / n
-                    means[i].append(mean.float().cpu())
-                    variances[i].append((sq / n - mean * mean).clamp_min(0).float().cpu())
-                counts.append(len(members))
+            for start in range(0, len(images), batch_size):
+                batch_slot = slot[start:start + batch_size]
+                logits = model(images[start:start + batch_size].to(device))
+                hits = logits.argmax(1).cpu() == labels[start:start + batch_size]
+                correct.index_add_(0, batch_slot, hits.long())
     finally:
         model.train(was_training)
-    return {"layers": [name for name, _ in layers], "classes": torch.tensor(classes),
-            "mean": [torch.stack(m) for m in means], "var": [torch.stack(v) for v in variances],
-            "counts": torch.tensor(counts)}
+    counts = torch.bincount(slot, minlength=n_classes)
+    means, variances = [], []
+    for i in range(len(layers)):
+        n = (counts * positions[i]).to(torch.float64).unsqueeze(1).to(sums[i].device)
+        mean = sums[i] / n
+        means.append(mean.float().cpu())
+        variances.append((squares[i] / n - mean * mean).clamp_min(0).float().cpu())
+    return {"layers": [name for name, _ in layers], "classes": classes, "mean": means, "var": variances,
+            "counts": counts, "correct": correct}
 
 
 def check_centers(centers: dict, model: nn.Module, source: str) -> None:
     """One-line error when a centers file does not belong to `model`."""
+    missing = [k for k in ("layers", "classes", "mean", "var", "counts", "correct") if k not in centers]
+    if missing:
+        raise UserError(f"BNS centers '{source}': no '{missing[0]}' entry (not a file of python -m tools.bns_centers)")
     names = [name for name, _ in batchnorm_layers(model)]
     if centers.get("layers") != names:
         raise UserError(f"BNS centers '{source}': BN layers {len(centers.get('layers') or [])} "

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""FDDA benchmark (issue 7): CIFAR-10 ResNet-20 W4A4 on the shared assets, 10 calibration images (one per class,
+drawn with seed 1005 from the shared train folder), each run in its own process through ptq_main.py; then one table
+with the FP32 top-1 of the same run beside each quantized top-1, on all 10,000 test images.
+
+    python benchmarks/fdda_resnet20.py                       # fdda, its ablation, the naive baselines
+    python benchmarks/fdda_resnet20.py --seeds 1005 1006 1007 --runs fdda fdda_real_only
+
+Rows:
+- fdda: configs/cifar10/resnet20_w4a4_fdda.yaml (the published losses and optimiser, a CPU budget);
+- fdda_real_only: the same fine-tuning without generated images (algorithm.use_generated: false);
+- naive: round to nearest with MSE observers on the same 10 images
+  (configs/cifar10/resnet20_w4a4_naive_per_class1.yaml);
+- naive_fdda_scheme: round to nearest with FDDA's own quantizers (per-channel min/max weights, EMA min/max
+  activations) on the same 10 images: what FDDA starts from.
+
+Runs already finished (results.json present) are not repeated; the naive rows run for the first seed only
+(runtime.seed does not change them). `--set` adds an override to every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The FDDA rows also evaluate their model as it stands before the first student step: what fine-tuning adds.
+_BEFORE = ["algorithm.eval_before_finetuning=true"]
+RUNS = {
+    "fdda": ("configs/cifar10/resnet20_w4a4_fdda.yaml", _BEFORE),
+    "fdda_real_only": ("configs/cifar10/resnet20_w4a4_fdda_real_only.yaml", _BEFORE),
+    "naive": ("configs/cifar10/resnet20_w4a4_naive_per_class1.yaml", []),
+    "naive_fdda_scheme": ("configs/cifar10/resnet20_w4a4_naive_per_class1.yaml",
+                          ["quant.w.observer=minmax", "quant.a.observer=ema_minmax"]),
+}
+
+
+def run_one(name: str, seed: int, out_root: str, extra: list[str]) -> dict | None:
+    config, overrides = RUNS[name]
+    run_dir = os.path.join(out_root, f"{name}_s{seed}")
+    results = os.path.join(run_dir, "results.json")
+    if os.path.exists(results):
+        return json.load(open(results))
+    overrides = overrides + [f"runtime.seed={seed}", f"runtime.output_dir={run_dir}", "runtime.save_model=false"]
+    cmd = [sys.executable, "ptq_main.py", "--config", config, "--quiet"]
+    for o in overrides + extra:
+        cmd += ["--set", o]
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0 or not os.path.exists(results):
+        print(f"  FAILED ({proc.returncode}) after {time.time() - start:.0f} s", flush=True)
+        return None
+    r = json.load(open(results))
+    r["wall_seconds"] = round(time.time() - start, 1)
+    with open(results, "w") as f:
+        json.dump(r, f, indent=2)
+    return r
+
+
+def row(name: str, seed: int, r: dict) -> str:
+    fdda = r.get("algorithm_results", {}).get("fdda", {})
+    steps = f"{fdda['generator_steps']} / {fdda['student_steps']}" if fdda else "–"
+    before = r.get("extra_evaluations", {}).get("before_finetuning")
+    wall = r.get("wall_seconds")
+    return (f"| {name} | {seed} | {r['quant']['top1']:.2f} | {before['top1']:.2f} | " if before else
+            f"| {name} | {seed} | {r['quant']['top1']:.2f} | – | ") + (
+            f"{r['fp32']['top1']:.2f} | "
+            f"{r['fp32']['top1'] - r['quant']['top1']:.2f} | {r['calibration_images']} | {steps} | "
+            f"{r['seconds']['quantize']:.0f} | {wall if wall is not None else '–'} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1005], help="runtime.seed of each run")
+    parser.add_argument("--out", default="benchmarks/runs/fdda_resnet20")
+    parser.add_argument("--results", default="benchmarks/results/fdda.md")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:
+        for name in args.runs:
+            if name.startswith("naive") and seed != args.seeds[0]:
+                continue  # round to nearest draws nothing at random: one run per calibration draw is enough
+            r = run_one(name, seed, os.path.join(REPO, args.out), args.extra)
+            if r is not None:
+                rows.append(row(name, seed, r))
+                print(rows[-1], flush=True)
+    header = ("| run | seed | top-1 % | top-1 % before fine-tuning | FP32 top-1 % (same images) | drop | "
+              "calibration images | generator / student steps | quantize s | run wall s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    text = (f"# ResNet-20 (CIFAR-10, shared assets): FDDA W4A4 from one image per class\n\n"
+            f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores"
+            + (f", OMP_NUM_THREADS={threads}" if threads else "") + "). "
+            "Every run: the same 10 calibration images (one per class, seed 1005, shared train folder), all "
+            "10,000 test images; FP32 measured in the same run. W4A4, first/last-layer weights and the last "
+            "layer's input at 8 bit. `quantize s` is the algorithm alone, `run wall s` the whole process "
+            "(model, data, two evaluations).\n\n" + header + "\n" + "\n".join(rows) + "\n")
+    os.makedirs(os.path.dirname(os.path.join(REPO, args.results)), exist_ok=True)
+    with open(os.path.join(REPO, args.results), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
