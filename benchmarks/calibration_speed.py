@@ -271,7 +271,7 @@ def main() -> int:
     parser.add_argument("--mbv2-images", nargs="+", type=int, default=[16, 64])
     parser.add_argument("--resnet-bits", default="W4A4")
     parser.add_argument("--mbv2-bits", default="W8A4",
-                        help="W4 per-channel round-to-nearest leaves MobileNetV2 at 1-3 %% top-1 whatever the observer")
+                        help="W4 per-channel round-to-nearest leaves MobileNetV2 at 0-3 %% top-1 whatever the observer")
     parser.add_argument("--p", type=float, default=2.0, help="norm of the MSE searches (config quant.*.p)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-batch", type=int, default=100)

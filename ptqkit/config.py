@@ -85,7 +85,9 @@ class TensorQuant:
     bits: int = spec(4, lo=2, hi=8)
     per_channel: bool = spec(False)
     symmetric: bool = spec(False)
-    observer: str = spec("mse", choices=OBSERVERS)
+    observer: str = spec("mse", choices=OBSERVERS,
+                         doc="minmax, ema_minmax; mse / ema_mse (MQBench's searches, slow); hist_mse (the same "
+                             "search from a histogram, 20-90x faster, ptqkit.observers)")
     p: float = spec(2.0, lo=1.0, hi=4.0, doc="norm of the MSE observers' range search (2.4 in BRECQ/QDrop)")
 
 

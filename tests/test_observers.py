@@ -11,6 +11,18 @@ from ptqkit.observers import PER_TENSOR_CANDIDATES, HistogramMSEObserver, shrink
 TENSORS = ("relu", "layer2.0.relu2", "layer3.2.relu1", "layer1.1.bn2")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """MQBench's reference searches are thousands of small ops: a second thread only adds waits at every op on a
+    loaded machine (32 s instead of 2 s for the per-channel reference)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def activations(resnet20, cifar_calib):
     """Full-precision tensors of ResNet-20 on the first 64 calibration images, in two batches of 32."""
