@@ -235,6 +235,12 @@ class FDDA(Algorithm):
             if cfg.quant.a.observer not in ("ema_minmax", "ema_mse"):
                 raise ConfigError("quant.a.observer", "ema_minmax or ema_mse (fdda observes activation ranges "
                                   "as moving averages)", cfg.quant.a.observer)
+            if self.centers is not None:
+                # Caught here, before any model or data is built; the layer-by-layer check follows at run time.
+                made_for = load_centers(self.centers).get("model")
+                if made_for is not None and made_for != cfg.model.name:
+                    raise ConfigError("algorithm.centers", f"BNS centers of model '{cfg.model.name}'",
+                                      f"{self.centers} (made for '{made_for}')")
 
     # ------------------------------------------------------------------------------------------------ setup
     def _centers(self, ctx: RunContext) -> dict:

@@ -73,6 +73,14 @@ def row(name: str, seed: int, r: dict) -> str:
             f"{r['seconds']['quantize']:.0f} | {wall if wall is not None else '–'} |")
 
 
+def mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -81,7 +89,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results/fdda.md")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     args = parser.parse_args()
-    rows = []
+    rows, top1s = [], {}
     for seed in args.seeds:
         for name in args.runs:
             if name.startswith("naive") and seed != args.seeds[0]:
@@ -89,7 +97,10 @@ def main() -> int:
             r = run_one(name, seed, os.path.join(REPO, args.out), args.extra)
             if r is not None:
                 rows.append(row(name, seed, r))
+                top1s.setdefault(name, []).append(r["quant"]["top1"])
                 print(rows[-1], flush=True)
+    summary = "\n".join(f"- {name}: {mean_std(values)} top-1 over {len(values)} run(s)"
+                         for name, values in top1s.items())
     header = ("| run | seed | top-1 % | top-1 % before fine-tuning | FP32 top-1 % (same images) | drop | "
               "calibration images | generator / student steps | quantize s | run wall s |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
@@ -101,7 +112,8 @@ def main() -> int:
             "Every run: the same 10 calibration images (one per class, seed 1005, shared train folder), all "
             "10,000 test images; FP32 measured in the same run. W4A4, first/last-layer weights and the last "
             "layer's input at 8 bit. `quantize s` is the algorithm alone, `run wall s` the whole process "
-            "(model, data, two evaluations).\n\n" + header + "\n" + "\n".join(rows) + "\n")
+            "(model, data, two evaluations); the machine was shared, so times vary with its load.\n\n"
+            + header + "\n" + "\n".join(rows) + "\n\nMean ± sample std over seeds:\n\n" + summary + "\n")
     os.makedirs(os.path.dirname(os.path.join(REPO, args.results)), exist_ok=True)
     with open(os.path.join(REPO, args.results), "w") as f:
         f.write(text)

@@ -3,7 +3,7 @@ the state of the returned model, and MobileNetV1 in the zoo."""
 import pytest
 import torch
 
-from conftest import base_tree
+from conftest import base_tree, cifar_checkpoint
 from ptqkit.config import validate
 from models import build_model
 from ptqkit.errors import ConfigError, UserError
@@ -67,6 +67,11 @@ def test_bns_centers_tool_writes_one_center_per_class(tmp_path):
     with pytest.raises(UserError, match=r"centers\.pt': BN layers 19 do not match the model's 31 \(computed for "
                                         r"another model\?\)$"):
         check_centers(centers, build_model("cifar_resnet32"), str(out))
+    tree = base_tree(quant=FDDA_QUANT, model={"name": "cifar_resnet32", "checkpoint": cifar_checkpoint(32)},
+                     algorithm={"name": "fdda", "centers": str(out)})
+    with pytest.raises(ConfigError, match=r"^config key 'algorithm\.centers': expected BNS centers of model "
+                                          r"'cifar_resnet32', got .*made for 'cifar_resnet20'\)\"$"):
+        validate(tree)
     assert [m.shape for m in centers["mean"][:2]] == [torch.Size([10, 16])] * 2
 
 
