@@ -21,7 +21,6 @@ generator trains) and frozen after.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from algorithms.base import Algorithm, AlgorithmConfig, RunContext
 from algorithms.quantizers import act_quantizers, fake_quantizers, quant_state, weight_quantizers
+from algorithms.engine import frozen_parameters
 from algorithms.registry import register
 from ptqkit.errors import ConfigError, NumericalError
 from ptqkit.schema import spec
@@ -90,20 +90,6 @@ def bns_distance(means, variances, target_means, target_vars, layers) -> torch.T
     """Mean over `layers` of MSE(mean, target) + MSE(variance, target)."""
     total = sum(F.mse_loss(means[i], target_means[i]) + F.mse_loss(variances[i], target_vars[i]) for i in layers)
     return total / len(layers)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """No parameter gradients for `module` (gradients still flow to its input); restored afterwards."""
-    params = list(module.parameters())
-    saved = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
 
 
 def reset_weight_ranges(quantizers) -> None:
@@ -301,7 +287,7 @@ class FDDA(Algorithm):
         history, seconds = [], {"generator": 0.0, "student": 0.0}
         self._snapshot = None
         total = p.epochs * p.iters_per_epoch
-        with frozen(teacher), tqdm(total=total, desc="fdda", unit="it", disable=not ctx.show_progress) as bar:
+        with frozen_parameters(teacher), tqdm(total=total, desc="fdda", unit="it", disable=not ctx.show_progress) as bar:
             for epoch in range(p.epochs):
                 observe_acts = epoch < p.act_freeze_epoch
                 train_student = epoch >= p.warmup_epochs

@@ -76,7 +76,8 @@ def test_bns_centers_tool_writes_one_center_per_class(tmp_path):
 
 
 def test_generator_loss_decreases_on_resnet20(resnet20):
-    from algorithms.fdda import FDDA, EpochStats, frozen
+    from algorithms.engine import frozen_parameters as frozen
+    from algorithms.fdda import FDDA, EpochStats
     torch.manual_seed(0)
     images, labels = _calibration(per_class=1)
     cfg = _fdda_cfg(g_width=32, batch_size=16)
