@@ -31,6 +31,7 @@ class RunContext:
     run_dir: str | None = None
     results: dict = field(default_factory=dict)  # what the algorithm adds to results.json
     show_progress: bool = True
+    resume: dict | None = None       # saved progress to continue from (ptqkit.resume), reconstruction methods
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("ptq"))
 
 

@@ -19,12 +19,19 @@ the others (`Hooks.extra_loss`); the rounding regulariser and the schedules stay
 
 Memory: only the current unit's cached inputs and targets are held (on `cache_device`, in `cache_dtype`); for a
 chain of units the next unit's inputs are produced from the current unit's cache, so no unit re-runs the network.
+Each unit's record holds the process's resident memory (and CUDA peak) at its end, so growth from unit to unit shows.
+
+Resume: `run(..., after=(phase, unit), on_unit_done=...)` skips every unit up to and including `after` and calls
+`on_unit_done(phase, unit)` when a unit is finished (the caller saves what it needs there). A unit whose
+predecessor was skipped gets its inputs from the network, not from the chain: the same operations on the same
+values, so a resumed fp32-cached run is bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -37,7 +44,7 @@ from tqdm import tqdm
 from algorithms.graph import prefix_module, unit_module
 from algorithms.quantizers import ActQuantizer, act_quantizers, keep_probability, quant_state
 from algorithms.units import Unit
-from ptqkit.errors import NumericalError
+from ptqkit.errors import NumericalError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +176,29 @@ def init_act_steps(module: fx.GraphModule, unit: Unit, cache: UnitCache, n_image
             module(cache.q_in[start:start + batch].to(device, torch.float32))
 
 
+def resident_memory_mb() -> float:
+    """Current (not peak) resident set size of this process: what a growing cache would show."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
+    except (OSError, ValueError, IndexError):  # not Linux
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@contextlib.contextmanager
+def oom_hint(unit: Unit, n_images: int, settings: "EngineSettings"):
+    """CUDA running out of memory while caching is a setting to change, not a bug: say which one."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"CUDA out of memory while caching the inputs and targets of unit {unit.name} ({n_images} images, "
+            f"cache on {settings.cache_device}, {str(settings.cache_dtype).replace('torch.', '')}): set "
+            "algorithm.cache_device=cpu and/or algorithm.cache_dtype=float16, or use fewer calibration "
+            "images") from None
+
+
 @torch.no_grad()
 def _run_batched(module: nn.Module, inputs: torch.Tensor, batch: int, device, store_device, dtype):
     outs = []
@@ -197,22 +227,44 @@ class Engine:
         self.hooks = hooks or Hooks()
         self.store = device if settings.cache_device == "auto" else torch.device(settings.cache_device)
         self.history: list[dict] = []
+        # Hardening writes rounded weights into the layers, so "quantizers off" alone is no longer the FP network
+        # once a unit is done: FP inputs of a unit not fed by the chain, and FP targets of a later phase, are
+        # computed with these original weights swapped in (build the engine before loading resumed state).
+        self._fp_weights = {layer: layer.weight.detach().clone() for u in units for layer, _ in u.weight_quantizers}
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        """Every quantizer off and the original weights in place; the hard-rounded ones come back after."""
+        current = [(layer, layer.weight.data) for layer in self._fp_weights]
+        try:
+            for layer, weight in self._fp_weights.items():
+                layer.weight.data = weight
+            with quant_state(self.gm, observe=False, quantize=False):
+                yield
+        finally:
+            for layer, weight in current:
+                layer.weight.data = weight
 
     # ------------------------------------------------------------------------------------------ caching
     def _cache_for(self, k: int, phase: Phase, carried: Optional[UnitCache], module: fx.GraphModule) -> UnitCache:
         unit, s = self.units[k], self.settings
+        with oom_hint(unit, len(self.images), s):
+            return self._cache(unit, carried, module, phase)
+
+    def _cache(self, unit: Unit, carried: Optional[UnitCache], module: fx.GraphModule, phase: Phase) -> UnitCache:
+        s = self.settings
         bs = max(s.batch_size, 64)
         if carried is None:
             # No chain to follow (first unit, or layer units inside a block): run the network up to the input.
             with phase_state(self.gm, phase):
                 (q_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
                                          s.cache_dtype)
-            with quant_state(self.gm, observe=False, quantize=False):
+            with self.full_precision():
                 (fp_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
                                           s.cache_dtype)
         else:
             q_in, fp_in = carried.q_in, carried.fp_in
-        with quant_state(self.gm, observe=False, quantize=False):
+        with self.full_precision():
             fp_out = _run_batched(module, fp_in, bs, self.device, self.store, s.cache_dtype)
         return UnitCache(q_in, fp_in, fp_out)
 
@@ -221,16 +273,19 @@ class Engine:
         if k + 1 >= len(self.units) or self.units[k + 1].input is not self.units[k].output:
             return None
         bs = max(self.settings.batch_size, 64)
-        with phase_state(self.gm, phase):
+        with oom_hint(self.units[k + 1], len(cache.q_in), self.settings), phase_state(self.gm, phase):
             q_next = _run_batched(module, cache.q_in, bs, self.device, self.store, self.settings.cache_dtype)
         return UnitCache(q_next, cache.fp_out, None)
 
     # ----------------------------------------------------------------------------------- optimisation
-    def run(self, phases: list[Phase]) -> list[dict]:
+    def run(self, phases: list[Phase], after: tuple[int, int] = (-1, -1),
+            on_unit_done: Optional[Callable[[int, int], None]] = None) -> list[dict]:
         with frozen_parameters(self.gm):
-            for phase in phases:
+            for p, phase in enumerate(phases):
                 carried = None
                 for k, unit in enumerate(self.units):
+                    if (p, k) <= after:
+                        continue
                     module = unit_module(self.gm, unit)
                     cache = self._cache_for(k, phase, carried, module)
                     carried = None
@@ -239,6 +294,11 @@ class Engine:
                     self.history.append(record)
                     carried = self._carry(k, cache, module, phase)
                     del cache
+                    record["rss_mb"] = resident_memory_mb()
+                    if self.device.type == "cuda":
+                        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+                    if on_unit_done is not None:
+                        on_unit_done(p, k)
         return self.history
 
     def _optimise(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> dict:

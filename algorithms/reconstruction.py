@@ -15,6 +15,7 @@ from algorithms.base import Algorithm, AlgorithmConfig, RunContext
 from algorithms.engine import Engine, EngineSettings, Hooks, Phase
 from algorithms.units import GRANULARITIES, Unit, describe_units, partition
 from ptqkit import quantize as pq
+from ptqkit import resume
 from ptqkit.schema import spec
 
 # Rounding-regulariser weight λ by architecture (QDrop / PD-Quant reference configs).
@@ -101,7 +102,20 @@ class Reconstruction(Algorithm):
                                   cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
                                   show_progress=ctx.show_progress)
         engine = Engine(qmodel, units, ctx.calib_images, ctx.device, settings, self.hooks(qmodel, units, ctx))
-        history = engine.run(phases)
+        phase_names, unit_names = [ph.name for ph in phases], [u.name for u in units]
+        after = (-1, -1)
+        if ctx.resume is not None:
+            after = resume.restore_progress(ctx.resume, qmodel, phase_names, unit_names)
+            engine.history = list(ctx.resume["history"])
+            ctx.log.info("resuming after unit %s of phase %s (%d of %d units done)", unit_names[after[1]],
+                         phase_names[after[0]], len(engine.history), len(units) * len(phases))
+        on_unit_done = None
+        if ctx.run_dir is not None:
+            path = resume.progress_path(ctx.run_dir)
+
+            def on_unit_done(p: int, k: int) -> None:
+                resume.save_progress(path, qmodel, p, k, phase_names, unit_names, engine.history)
+        history = engine.run(phases, after, on_unit_done)
         ctx.results["units"] = history
         ctx.results["unit_names"] = [u.name for u in units]
         return qmodel

@@ -5,7 +5,8 @@ several bit-widths, each run in its own process through ptq_main.py; then one ta
     python benchmarks/reconstruction_resnet20.py                      # the whole protocol
     python benchmarks/reconstruction_resnet20.py --methods qdrop --bits W2A4 --seeds 1005 1006 1007
 
-Runs already finished (results.json present) are not repeated, so an interrupted benchmark can be restarted.
+Runs already finished (results.json present) are not repeated, and a run interrupted after some units continues
+from its saved progress (`ptq_main.py --resume`), so an interrupted benchmark can be restarted.
 Protocol: 1,024 calibration images drawn with seed 1005 from the shared train folder, batch 32, 2,000 iterations
 per unit, per-channel asymmetric weights, first/last-layer weights and the last layer's input at 8 bit, MSE
 initialisation, all 10,000 test images.
@@ -33,25 +34,29 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
     results = os.path.join(run_dir, "results.json")
     if os.path.exists(results):
         return json.load(open(results))
-    if os.path.isdir(run_dir):
-        # An interrupted run: start it again in the same folder (the pipeline never writes into a used one).
+    resume = os.path.exists(os.path.join(run_dir, "progress.pt"))
+    if os.path.isdir(run_dir) and not resume:
+        # Interrupted before its first unit was saved: start it again in the same folder.
         shutil.rmtree(run_dir)
     overrides = [f"quant.w.bits={w}", f"quant.a.bits={a}", f"runtime.seed={seed}",
                  f"runtime.output_dir={run_dir}", "runtime.save_model=false"]
     if method == "naive":
         overrides.append("algorithm.calib_images=null")  # naive observes all 1,024 calibration images here
-    cmd = [sys.executable, "ptq_main.py", "--config", CONFIGS[method], "--quiet"]
     env = dict(os.environ)
     if threads:
         # Small convolutions do not scale across cores: several single-thread runs side by side finish sooner
         # than one run on all cores, and do not oversubscribe them.
         overrides.append(f"runtime.threads={threads}")
         env["OMP_NUM_THREADS"] = str(threads)
-    for o in overrides + extra:
-        cmd += ["--set", o]
+    if resume:  # the saved config.yaml already holds every override
+        cmd = [sys.executable, "ptq_main.py", "--resume", run_dir, "--quiet"]
+    else:
+        cmd = [sys.executable, "ptq_main.py", "--config", CONFIGS[method], "--quiet"]
+        for o in overrides + extra:
+            cmd += ["--set", o]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
-    with open(os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}.log"), "w") as log:
+    with open(os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}.log"), "a") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not os.path.exists(results):
         print(f"  FAILED ({proc.returncode}) after {time.time() - start:.0f} s", flush=True)
@@ -62,9 +67,15 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
 def row(method: str, bits: str, seed: int, r: dict) -> str:
     units = r.get("algorithm_results", {}).get("units", [])
     iters = sum(u["iterations"] for u in units)
-    sec_it = f"{1000 * r['seconds']['quantize'] / iters:.1f}" if iters else "–"
+    unit_s = sum(u["seconds"] for u in units)
+    ms_it = f"{1000 * unit_s / iters:.1f}" if iters else "–"
+    sec = r["seconds"]
+    rss = [u["rss_mb"] for u in units if "rss_mb" in u]
+    rss_units = f"{rss[0]:.0f} → {rss[-1]:.0f} (max {max(rss):.0f})" if rss else "–"
+    resumed = " (resumed)" if "resumed" in r else ""
     return (f"| {method} | {bits} | {seed} | {r['quant']['top1']:.2f} | {r['fp32']['top1']:.2f} | "
-            f"{r['seconds']['quantize']:.0f} | {iters} | {sec_it} | {r['memory']['host_peak_rss_mb']:.0f} |")
+            f"{sec.get('fp32_eval', 0):.0f} / {sec['quantize']:.0f}{resumed} / {sec.get('quant_eval', 0):.0f} | "
+            f"{iters} | {ms_it} | {r['memory']['host_peak_rss_mb']:.0f} | {rss_units} |")
 
 
 def main() -> int:
@@ -84,8 +95,9 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda c: run_one(*c, out_root, args.extra, threads), cells))
     rows = [row(*c, r) for c, r in zip(cells, results) if r is not None]
-    header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | quantize s | iterations | "
-              "ms / iteration | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+    header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | wall s: FP32 eval / quantize / "
+              "quant eval | iterations | ms / iteration | peak RSS MB | RSS after each unit MB: first → last |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# ResNet-20 (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
             f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"

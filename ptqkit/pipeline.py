@@ -118,7 +118,9 @@ def quant_summary(cfg: Config) -> str:
     return f"W{q.w.bits}A{q.a.bits}"
 
 
-def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True) -> dict:
+def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True,
+        resume: dict | None = None) -> dict:
+    """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.resume.read_progress)."""
     import data
     from algorithms.base import RunContext
     from algorithms.registry import get_algorithm
@@ -128,8 +130,9 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
     seed_everything(cfg.runtime.seed)
     device = select_device(cfg.runtime.device)
     timer = PhaseTimer()
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(dump_config(cfg))
+    if resume is None:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
 
     with timer("model"):  # before the data: a mismatched checkpoint should fail in a second
         fp_model = build_fp_model(cfg, device)
@@ -141,7 +144,7 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
         loader = data.evaluation_loader(splits, cfg.data.evaluation)
     algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm)
     ctx = RunContext(cfg=cfg, fp_model=fp_model, calib_images=calib_images, calib_labels=calib_labels,
-                     device=device, run_dir=run_dir, show_progress=show_progress)
+                     device=device, run_dir=run_dir, show_progress=show_progress, resume=resume)
     log.info("model %s, %s, algorithm %s, %d calibration images, %d evaluation images, device %s",
              cfg.model.name, quant_summary(cfg), cfg.algorithm.name, len(calib_images),
              len(splits.evaluation_indices), device)
@@ -173,5 +176,8 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
     }
     if extra:
         results["extra_evaluations"] = extra
+    if resume is not None:
+        results["resumed"] = {"after_phase": resume["phase"], "after_unit": resume["unit"],
+                              "note": "seconds cover the last start only"}
     write_json(os.path.join(run_dir, "results.json"), results)
     return results
