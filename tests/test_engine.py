@@ -18,8 +18,9 @@ from ptqkit.config import validate
 CPU = torch.device("cpu")
 
 
-def _setup(resnet20, cifar_calib, name="qdrop", **algo):
-    cfg = validate(base_tree(quant={"w": {"bits": 2}, "a": {"bits": 4}}, algorithm={"name": name, **algo}))
+def _setup(resnet20, cifar_calib, name="qdrop", observer="mse", **algo):
+    cfg = validate(base_tree(quant={"w": {"bits": 2}, "a": {"bits": 4, "observer": observer}},
+                             algorithm={"name": name, **algo}))
     ctx = RunContext(cfg, resnet20, cifar_calib, torch.zeros(len(cifar_calib)), CPU, show_progress=False)
     method = get_algorithm(name)(cfg.algorithm)
     phases = method.phases()
@@ -113,3 +114,44 @@ def test_dry_run_lists_mobilenet_v2_units():
     assert "20 reconstruction units (block):" in text
     rows = [m.group(1) for m in re.finditer(r"^\s+\d+\s+(\S+)", text, re.M)]
     assert rows == ["features.0"] + [f"features.{i}" for i in range(1, 19)] + ["classifier.1"]
+
+
+def test_fp_inputs_and_targets_stay_full_precision_after_units_are_hardened(resnet20, cifar_calib):
+    """Hardening writes rounded weights into the layers: the FP side of a later unit (fed from the network, not the
+    chain) and the FP target of a second phase must still come from the original weights."""
+    from algorithms.engine import _prefix_values
+    from algorithms.quantizers import fp_mode
+    torch.manual_seed(0)
+    images = cifar_calib[:64]
+    setup = dict(name="adaround", observer="hist_mse", iters=5, act_init_images=0)
+    _, qmodel, units, phases = _setup(resnet20, images, **setup)
+    _, fresh, fresh_units, _ = _setup(resnet20, images, **setup)
+    k = next(i for i in range(1, len(units)) if units[i].input is not units[i - 1].output)   # not chained
+    engine = Engine(qmodel, units, images, CPU, EngineSettings(show_progress=False))
+    Engine(qmodel, units[:k], images, CPU, EngineSettings(show_progress=False)).run(phases)
+    hardened = units[0].weight_quantizers[0][0].weight
+    assert not torch.equal(hardened, fresh_units[0].weight_quantizers[0][0].weight)   # rounding was written back
+    module = unit_module(qmodel, units[k])
+    cache = engine._cache_for(k, phases[0], None, module)
+    with fp_mode(fresh):
+        (expected_in,) = _prefix_values(fresh, [fresh_units[k].input], images, 64, CPU, CPU, torch.float32)
+        expected_out = unit_module(fresh, fresh_units[k])(expected_in)
+    assert torch.equal(cache.fp_in, expected_in)
+    assert torch.equal(cache.fp_out, expected_out)
+    assert torch.equal(units[0].weight_quantizers[0][0].weight, hardened)   # the hardened weights are back
+
+
+def test_cuda_out_of_memory_while_caching_names_the_cache_settings(resnet20, cifar_calib, monkeypatch):
+    import algorithms.engine as engine_module
+    from ptqkit.errors import UserError
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=5)
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(engine_module, "_prefix_values", no_memory)
+    engine = Engine(qmodel, units, cifar_calib, CPU, EngineSettings(show_progress=False))
+    with pytest.raises(UserError) as err:
+        engine.run(phases)
+    assert str(err.value) == ("CUDA out of memory while caching the inputs and targets of unit conv1 (256 images, "
+                              "cache on auto, float32): set algorithm.cache_device=cpu and/or "
+                              "algorithm.cache_dtype=float16, or use fewer calibration images")

@@ -19,6 +19,7 @@ ITERS = 40
 
 def _config(tmp_path, name: str) -> str:
     tree = base_tree(algorithm={"name": "qdrop", "iters": ITERS, "act_init_images": 32},
+                     quant={"w": {"observer": "hist_mse"}, "a": {"observer": "hist_mse"}},
                      runtime={"output_dir": str(tmp_path / name), "threads": 1, "seed": 7})
     tree["data"]["calibration"]["num_images"] = 64
     tree["data"]["evaluation"]["limit"] = 1000
@@ -95,19 +96,24 @@ def test_sigint_stops_cleanly_with_what_is_done_saved(tmp_path):
     assert (run_dir / "config.yaml").exists()
 
 
-def test_resume_refuses_a_finished_or_foreign_folder(tmp_path):
-    missing = subprocess.run(_cmd("--resume", str(tmp_path / "nowhere")), cwd=REPO, capture_output=True, text=True)
-    assert missing.returncode == 2
-    assert missing.stderr.strip() == f"error: run folder '{tmp_path / 'nowhere'}': not found"
+def _main(capsys, *args):
+    import ptq_main
+    code = ptq_main.main(list(args))
+    return code, capsys.readouterr().err.strip()
+
+
+def test_resume_refuses_a_missing_finished_or_foreign_folder(tmp_path, capsys):
+    assert _main(capsys, "--resume", str(tmp_path / "nowhere")) == \
+        (2, f"error: run folder '{tmp_path / 'nowhere'}': not found")
     folder = tmp_path / "naive_run"
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(base_tree()))
-    no_state = subprocess.run(_cmd("--resume", str(folder)), cwd=REPO, capture_output=True, text=True)
-    assert no_state.returncode == 2
-    assert no_state.stderr.strip().startswith(f"error: resume state '{folder / 'progress.pt'}': not found")
+    code, err = _main(capsys, "--resume", str(folder))
+    assert code == 2 and err.startswith(f"error: resume state '{folder / 'progress.pt'}': not found (")
     (folder / "progress.pt").write_bytes(b"not a checkpoint")
-    corrupt = subprocess.run(_cmd("--resume", str(folder)), cwd=REPO, capture_output=True, text=True)
-    assert corrupt.returncode == 2 and "cannot be read" in corrupt.stderr and len(corrupt.stderr.splitlines()) == 1
+    code, err = _main(capsys, "--resume", str(folder))
+    assert code == 2 and err.startswith(f"error: resume state '{folder / 'progress.pt'}': cannot be read (")
+    assert len(err.splitlines()) == 1
     (folder / "results.json").write_text("{}")
-    finished = subprocess.run(_cmd("--resume", str(folder)), cwd=REPO, capture_output=True, text=True)
-    assert finished.stderr.strip() == f"error: run folder '{folder}': already finished (results.json is there)"
+    assert _main(capsys, "--resume", str(folder)) == \
+        (2, f"error: run folder '{folder}': already finished (results.json is there)")
