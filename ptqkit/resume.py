@@ -36,15 +36,9 @@ def save_progress(path: str, qmodel: nn.Module, phase: int, unit: int, phase_nam
 
 
 def read_progress(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"resume state '{path}': not found (a run saves it after its first reconstruction "
-                              "unit; naive and fdda runs have none)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"resume state '{path}': cannot be read ({str(exc).splitlines()[0]})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"resume state '{path}': not a file written by ptqkit ({FORMAT})")
+    from ptqkit.saving import read_blob
+    blob = read_blob(path, "resume state", FORMAT, "ptqkit", " (a run saves it after its first reconstruction unit; "
+                     "naive and fdda runs have none)")
     blob["path"] = path
     return blob
 

@@ -91,20 +91,26 @@ def _match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> 
                 owner._buffers[attr] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
 
 
+def read_blob(path: str, what: str, fmt: str, writer: str, missing_hint: str = "") -> dict:
+    """A file this toolkit wrote with `torch.save`, read weights-only; any problem is one CheckpointError line."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} '{path}': not found{missing_hint}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{what} '{path}': cannot be read ({str(exc).splitlines()[0]})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise CheckpointError(f"{what} '{path}': not a file written by {writer} ({fmt})")
+    return blob
+
+
 def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     """The quantized model (as it was evaluated when saved, observers off, eval mode) and its config."""
     from algorithms.quantizers import fake_quantizers, make_multibit
     from models import build_model
     from ptqkit.config import validate
     from ptqkit.quantize import prepare_quantized
-    if not os.path.isfile(path):
-        raise CheckpointError(f"quantized model '{path}': not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"quantized model '{path}': cannot be read ({str(exc).splitlines()[0]})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"quantized model '{path}': not a file written by save_quantized ({FORMAT})")
+    blob = read_blob(path, "quantized model", FORMAT, "save_quantized")
     cfg = validate(blob["config"])
     fp = build_model(cfg.model.name, **cfg.model.kwargs).eval()
     qmodel, _ = prepare_quantized(fp, cfg.quant, cfg.model.leaf_modules)
