@@ -3,6 +3,7 @@
 
     python ptq_main.py --config configs/cifar10/resnet20_w4a4_naive.yaml [--set key.path=value ...] [--dry-run]
     python ptq_main.py --resume runs/resnet20_w4a4_qdrop       # continue a killed or interrupted run
+    torchrun --nproc_per_node 2 ptq_main.py --config ...       # calibration sharded over 2 processes
 
 Bad input (unknown key, wrong type or range, missing file, mismatched checkpoint, untraceable model) is reported
 as one line on stderr with exit status 2.
@@ -50,11 +51,11 @@ def _load(args):
     return cfg, run_dir, read_progress(progress_path(run_dir))
 
 
-def setup_logging(run_dir: str | None) -> None:
+def setup_logging(run_dir: str | None, level=logging.INFO) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir:
         handlers.append(logging.FileHandler(os.path.join(run_dir, "log.txt")))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=handlers, force=True)
     logging.getLogger("MQBENCH").setLevel(logging.WARNING)
     # Known, harmless noise from mqbench-torch2 on torch 2.x.
@@ -79,12 +80,18 @@ def main(argv=None) -> int:
             if plan:
                 print(plan)
             return 0
-        from ptqkit import pipeline
-        if run_dir is None:
-            run_dir = pipeline.new_run_dir(cfg.runtime.output_dir)
-        setup_logging(run_dir)
+        from ptqkit import distributed, pipeline
+        distributed.init(cfg.runtime.device)    # joins torchrun's process group; nothing in a single process
+        main_process = distributed.is_main()
+        if run_dir is None:  # one folder for all processes, made by the first
+            run_dir = distributed.broadcast_object(pipeline.new_run_dir(cfg.runtime.output_dir)
+                                                   if main_process else None)
+        setup_logging(run_dir if main_process else None, logging.INFO if main_process else logging.WARNING)
         logging.getLogger("ptq").info("%s run folder %s", "resuming in" if progress else "run folder", run_dir)
-        results = pipeline.run(cfg, run_dir, show_progress=not args.quiet, resume=progress)
+        results = pipeline.run(cfg, run_dir, show_progress=main_process and not args.quiet, resume=progress)
+        distributed.shutdown()
+        if not main_process:
+            return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ class RunContext:
 
 class Algorithm:
     Config = AlgorithmConfig
+    multi_process = False   # runs under torchrun (sharded calibration, averaged gradients): shown by a test
 
     def __init__(self, params: AlgorithmConfig):
         self.params = params

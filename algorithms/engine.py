@@ -44,6 +44,7 @@ from tqdm import tqdm
 from algorithms.graph import prefix_module, unit_module
 from algorithms.quantizers import ActQuantizer, act_quantizers, keep_probability, quant_state
 from algorithms.units import Unit
+from ptqkit import distributed
 from ptqkit.errors import NumericalError, UserError
 
 log = logging.getLogger(__name__)
@@ -171,9 +172,13 @@ def init_act_steps(module: fx.GraphModule, unit: Unit, cache: UnitCache, n_image
         _reset_observer(q)
     # Observe everything first (fake quant off), then compute the step: MQBench fake quantizers update their
     # scale from the observer at every observed forward.
+    # Several processes: every one observes the same images (its share of the first n, gathered), so all start
+    # the unit from the same steps.
+    world = distributed.world_size()
+    inputs = distributed.gather(cache.q_in[:math.ceil(n_images / world)].to(device)) if world > 1 else cache.q_in
     with quant_state(module, only=quantizers, observe=True, quantize=False):
-        for start in range(0, min(n_images, len(cache.q_in)), batch):
-            module(cache.q_in[start:start + batch].to(device, torch.float32))
+        for start in range(0, min(n_images, len(inputs)), batch):
+            module(inputs[start:start + batch].to(device, torch.float32))
 
 
 def resident_memory_mb() -> float:
@@ -328,6 +333,9 @@ class Engine:
 
         hist = {"iter": [], "rec": [], "round": [], "total": []}
         n = len(cache.q_in)
+        # Several processes: each draws its share of the batch from its own images; gradients are averaged.
+        world = distributed.world_size()
+        local_batch = max(1, s.batch_size // world)
         last = {}
         bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
                    mininterval=1.0)
@@ -335,7 +343,7 @@ class Engine:
             if not optimisers:
                 bar.close()
             for it in (bar if optimisers else ()):
-                idx = torch.randint(0, n, (min(s.batch_size, n),))
+                idx = torch.randint(0, n, (min(local_batch, n),))
                 q_in, fp_in, target = cache.batch(idx, device)
                 if phase.input_prob < 1.0:
                     q_in = torch.where(torch.rand_like(q_in) < phase.input_prob, q_in, fp_in)
@@ -347,11 +355,14 @@ class Engine:
                     rnd = torch.zeros((), device=rec.device)
                 extra = self.hooks.extra_loss(unit, out, idx, it, phase)
                 loss = rec + rnd + sum(extra.values())
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"unit {unit.name} ({phase.name}) iteration {it}: loss is {loss.item()}")
+                # every process must stop together: test the loss averaged over them
+                seen = distributed.average(loss.detach().clone()) if world > 1 else loss
+                if not torch.isfinite(seen):
+                    raise NumericalError(f"unit {unit.name} ({phase.name}) iteration {it}: loss is {seen.item()}")
                 for opt in optimisers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(w_params + a_params)
                 for opt in optimisers:
                     opt.step()
                 for sch in schedulers:
@@ -389,4 +400,5 @@ class Engine:
                 target = cache.fp_out[start:start + bs].to(self.device, torch.float32)
                 total += reconstruction_loss(module(q_in), target, 2.0).item() * len(q_in)
                 count += len(q_in)
+        total, count = distributed.all_reduce(torch.tensor([total, float(count)], dtype=torch.float64)).tolist()
         return total / max(count, 1)

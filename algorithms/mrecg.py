@@ -189,6 +189,7 @@ def select_pairs(differences: list[Optional[float]], top_k: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------- method
 @register("mrecg")
 class MRECG(Reconstruction):
+    multi_process = False   # its capacity probe under several processes is not tested yet
     Config = MRECGConfig
 
     def __init__(self, params: MRECGConfig):

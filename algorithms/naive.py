@@ -14,6 +14,7 @@ from ptqkit.schema import spec
 
 @register("naive")
 class NaivePTQ(Algorithm):
+    multi_process = True
     @dataclass
     class Config(AlgorithmConfig):
         calib_images: Optional[int] = spec(None, lo=1,

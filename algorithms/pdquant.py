@@ -164,6 +164,7 @@ class PDQuantHooks(Hooks):
 
 @register("pdquant")
 class PDQuant(QDrop):
+    multi_process = False   # its cached FP logits are indexed by the whole calibration set
     @dataclass
     class Config(QDrop.Config):
         w_lr: float = spec(3e-3, lo=0.0, doc="Adam learning rate of the rounding variables V (PD-Quant: 3e-3)")

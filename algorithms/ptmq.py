@@ -196,6 +196,7 @@ class PTMQHooks(Hooks):
 
 @register("ptmq")
 class PTMQ(Reconstruction):
+    multi_process = False   # its multi-bit quantizers are not merged over processes yet
     Config = PTMQConfig
 
     @property

@@ -15,7 +15,7 @@ from algorithms.base import Algorithm, AlgorithmConfig, RunContext
 from algorithms.engine import Engine, EngineSettings, Hooks, Phase
 from algorithms.units import GRANULARITIES, Unit, describe_units, partition
 from ptqkit import quantize as pq
-from ptqkit import resume
+from ptqkit import distributed, resume
 from ptqkit.schema import spec
 
 # Rounding-regulariser weight λ by architecture (QDrop / PD-Quant reference configs).
@@ -56,6 +56,7 @@ class ReconstructionConfig(AlgorithmConfig):
 
 class Reconstruction(Algorithm):
     Config = ReconstructionConfig
+    multi_process = True
 
     # ----------------------------------------------------------------------- what a method may override
     def phases(self) -> list[Phase]:
@@ -101,7 +102,9 @@ class Reconstruction(Algorithm):
         settings = EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
                                   cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
                                   show_progress=ctx.show_progress)
-        engine = Engine(qmodel, units, ctx.calib_images, ctx.device, settings, self.hooks(qmodel, units, ctx))
+        # several processes: each caches and draws from its own calibration batches only
+        images = distributed.shard_batches(ctx.calib_images, ctx.cfg.data.calibration.batch_size)
+        engine = Engine(qmodel, units, images, ctx.device, settings, self.hooks(qmodel, units, ctx))
         phase_names, unit_names = [ph.name for ph in phases], [u.name for u in units]
         after = (-1, -1)
         if ctx.resume is not None:
@@ -110,7 +113,7 @@ class Reconstruction(Algorithm):
             ctx.log.info("resuming after unit %s of phase %s (%d of %d units done)", unit_names[after[1]],
                          phase_names[after[0]], len(engine.history), len(units) * len(phases))
         on_unit_done = None
-        if ctx.run_dir is not None:
+        if ctx.run_dir is not None and distributed.is_main():
             path = resume.progress_path(ctx.run_dir)
 
             def on_unit_done(p: int, k: int) -> None:

@@ -96,7 +96,9 @@ def draw_calibration(splits: Splits, cal_cfg) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack(images), torch.tensor(labels)
 
 
-def evaluation_loader(splits: Splits, eval_cfg) -> DataLoader:
-    subset = Subset(splits.evaluation, splits.evaluation_indices)
+def evaluation_loader(splits: Splits, eval_cfg, shard=None) -> DataLoader:
+    """`shard`: keeps this process's share of the evaluation indices (several processes)."""
+    indices = shard(splits.evaluation_indices) if shard else splits.evaluation_indices
+    subset = Subset(splits.evaluation, indices)
     return DataLoader(subset, batch_size=eval_cfg.batch_size, shuffle=False, num_workers=eval_cfg.workers,
                       persistent_workers=False)

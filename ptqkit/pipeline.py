@@ -87,6 +87,8 @@ def evaluate(model: nn.Module, loader, device, desc: str = "eval", show_progress
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
         total += labels.numel()
+    from ptqkit import distributed  # several processes evaluate a shard each
+    correct1, correct5, total = distributed.all_reduce(torch.tensor([correct1, correct5, total])).tolist()
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
 
 
@@ -118,6 +120,17 @@ def quant_summary(cfg: Config) -> str:
     return f"W{q.w.bits}A{q.a.bits}"
 
 
+def check_multi_process(cfg: Config, algorithm_cls) -> None:
+    from ptqkit.distributed import MERGEABLE_OBSERVERS
+    from ptqkit.errors import ConfigError
+    if not algorithm_cls.multi_process:
+        raise ConfigError("algorithm.name", "an algorithm that runs under torchrun (naive, adaround, brecq, "
+                          "brecq_joint, qdrop)", cfg.algorithm.name)
+    if cfg.quant.a.observer not in MERGEABLE_OBSERVERS:
+        raise ConfigError("quant.a.observer", "minmax or mse under torchrun (their ranges merge exactly over "
+                          "processes)", cfg.quant.a.observer)
+
+
 def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True,
         resume: dict | None = None) -> dict:
     """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.resume.read_progress)."""
@@ -125,12 +138,16 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
     from algorithms.base import RunContext
     from algorithms.registry import get_algorithm
 
+    from ptqkit import distributed
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     seed_everything(cfg.runtime.seed)
-    device = select_device(cfg.runtime.device)
+    device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
     timer = PhaseTimer()
-    if resume is None:
+    algorithm_cls = get_algorithm(cfg.algorithm.name)
+    if distributed.world_size() > 1:
+        check_multi_process(cfg, algorithm_cls)
+    if resume is None and distributed.is_main():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
 
@@ -141,13 +158,14 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
     with timer("data"):
         splits = data.make_splits(cfg.data)
         calib_images, calib_labels = data.draw_calibration(splits, cfg.data.calibration)
-        loader = data.evaluation_loader(splits, cfg.data.evaluation)
-    algorithm = get_algorithm(cfg.algorithm.name)(cfg.algorithm)
+        loader = data.evaluation_loader(splits, cfg.data.evaluation, distributed.shard_indices)
+    algorithm = algorithm_cls(cfg.algorithm)
     ctx = RunContext(cfg=cfg, fp_model=fp_model, calib_images=calib_images, calib_labels=calib_labels,
                      device=device, run_dir=run_dir, show_progress=show_progress, resume=resume)
-    log.info("model %s, %s, algorithm %s, %d calibration images, %d evaluation images, device %s",
+    log.info("model %s, %s, algorithm %s, %d calibration images, %d evaluation images, device %s%s",
              cfg.model.name, quant_summary(cfg), cfg.algorithm.name, len(calib_images),
-             len(splits.evaluation_indices), device)
+             len(splits.evaluation_indices), device,
+             f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     if dry_run:
         return {"dry_run": algorithm.describe(ctx) if hasattr(algorithm, "describe") else None}
 
@@ -163,7 +181,7 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
     extra_evals = getattr(algorithm, "extra_evaluations", None)
     extra = extra_evals(ctx, qmodel, lambda m, desc: evaluate(m, loader, device, desc, show_progress)) \
         if extra_evals else None
-    if cfg.runtime.save_model:
+    if cfg.runtime.save_model and distributed.is_main():
         with timer("save"):
             from ptqkit.saving import save_quantized
             save_quantized(qmodel, cfg, os.path.join(run_dir, "quantized_model.pt"))
@@ -173,11 +191,13 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
         "calibration_images": len(calib_images), "evaluation_images": quant["images"],
         "seconds": timer.seconds, "memory": peak_memory_mb(device), "device": str(device),
         "versions": versions(), "config": cfg.to_dict(), "algorithm_results": ctx.results,
+        "processes": distributed.world_size(),
     }
     if extra:
         results["extra_evaluations"] = extra
     if resume is not None:
         results["resumed"] = {"after_phase": resume["phase"], "after_unit": resume["unit"],
                               "note": "seconds cover the last start only"}
-    write_json(os.path.join(run_dir, "results.json"), results)
+    if distributed.is_main():
+        write_json(os.path.join(run_dir, "results.json"), results)
     return results

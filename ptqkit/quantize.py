@@ -152,8 +152,16 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int, device, 
     """Observe ranges on full-precision values (fake quantization off), then switch every quantizer to quantize.
 
     Weight ranges are observed on the first batch only: weights do not change, and MSE searches are not free.
+    Under torchrun each process observes its share of the batches and the activation ranges are merged.
     """
-    from algorithms.quantizers import calibration_mode, weight_quantizers
+    from algorithms.quantizers import act_quantizers, calibration_mode, quant_state, weight_quantizers
+    from ptqkit import distributed
+    shard = distributed.shard_batches(images, batch_size)   # all of them in a single process
+    if len(shard) == 0:
+        # Fewer batches than processes: this one observes no activation, but every process needs its weight ranges.
+        with calibration_mode(qmodel), quant_state(qmodel, only=act_quantizers(qmodel), observe=False):
+            qmodel(images[:batch_size].to(device))
+    images = shard
     with calibration_mode(qmodel):
         for i, start in enumerate(range(0, len(images), batch_size)):
             if i == 1:
@@ -162,6 +170,7 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int, device, 
             qmodel(images[start:start + batch_size].to(device))
             if progress is not None:
                 progress.update(min(batch_size, len(images) - start))
+    distributed.merge_ranges(act_quantizers(qmodel))
     for _, q in _iter_quantizers(qmodel):
         q.observer_enabled[0] = 0
         q.fake_quant_enabled[0] = 1

@@ -1,0 +1,147 @@
+"""Several processes on one run (`torchrun --nproc_per_node N ptq_main.py --config ...`): gloo on CPU, NCCL on GPU.
+
+What is split and what is kept the same:
+- calibration images are sharded (rank r takes calibration batches r, r + N, ...); every process holds and caches
+  only its shard, so the unit caches shrink N-fold;
+- observers: MinMax and MSE ranges are unions of per-batch ranges, so each process observes its batches and the
+  ranges are merged with an all-reduce (min of minima, max of maxima): the same ranges one process gets. EMA and
+  histogram observers do not merge that way and are refused under torchrun (`quant.a.observer`);
+- a unit's activation steps are re-initialised on the same images in every process (their cached inputs are
+  gathered first), so all processes start each unit from the same steps;
+- reconstruction: every process draws batch / N images from its shard per iteration; the gradients of the
+  rounding variables and steps are averaged over processes before each step, so the optimisers stay in lockstep
+  and one iteration sees batch images in all. Losses and the unit errors are averaged over processes;
+- evaluation is sharded and the counts summed; only rank 0 writes files and logs.
+The result is the single-process result up to the order in which images are drawn and drop masks fall.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+MERGEABLE_OBSERVERS = ("minmax", "mse")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets the env:// variables) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_name: str) -> torch.device | None:
+    """Join the process group torchrun prepared; return the device of this process (None: not launched)."""
+    if not launched():
+        return None
+    cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    # MQBench averages scales over processes inside every observed forward when it sees a process group at import
+    # time: a hidden collective that deadlocks when processes observe different numbers of batches. Ranges are
+    # merged here instead (union, as one process would get them).
+    import mqbench.utils.utils as mq_utils
+    mq_utils.USE_DDP = False
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def shutdown() -> None:
+    if world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_batches(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's calibration batches: r, r + N, r + 2N, ... of the whole list."""
+    n = world_size()
+    if n == 1:
+        return images
+    starts = range(rank() * batch_size, len(images), n * batch_size)
+    return torch.cat([images[s:s + batch_size] for s in starts]) if starts else images[:0]
+
+
+def shard_indices(indices: list) -> list:
+    return indices[rank()::world_size()]
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def average(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(t)
+        t /= world_size()
+    return t
+
+
+def average_gradients(params) -> None:
+    """Mean of each gradient over processes, in one all-reduce (a missing gradient counts as zero)."""
+    if world_size() == 1:
+        return
+    params = list(params)
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    average(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The concatenation, in rank order, of every process's `t` (first dimension may differ)."""
+    if world_size() == 1:
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(t)], device=t.device))
+    largest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((largest,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def merge_ranges(quantizers) -> None:
+    """Union of the observed ranges over processes, and the scale / zero point recomputed from it."""
+    if world_size() == 1:
+        return
+    for q in quantizers:
+        obs = q.activation_post_process
+        all_reduce(obs.min_val, dist.ReduceOp.MIN)
+        all_reduce(obs.max_val, dist.ReduceOp.MAX)
+        scale, zero_point = q.calculate_qparams()
+        if q.scale.shape != scale.shape:
+            q.scale.data = torch.ones_like(scale)
+            q.zero_point.resize_(zero_point.shape)
+        q.scale.data.copy_(scale.to(q.scale.device))
+        q.zero_point.copy_(zero_point.to(q.zero_point.device))
+
+
+def broadcast_object(obj):
+    if world_size() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
