@@ -155,3 +155,17 @@ def test_cuda_out_of_memory_while_caching_names_the_cache_settings(resnet20, cif
     assert str(err.value) == ("CUDA out of memory while caching the inputs and targets of unit conv1 (256 images, "
                               "cache on auto, float32): set algorithm.cache_device=cpu and/or "
                               "algorithm.cache_dtype=float16, or use fewer calibration images")
+
+
+def test_non_finite_loss_stops_with_the_unit_and_iteration(resnet20, cifar_calib):
+    from algorithms.engine import Hooks
+    from ptqkit.errors import NumericalError
+
+    class NanAtThree(Hooks):
+        def extra_loss(self, unit, out_q, idx, it, phase):
+            return {"bad": torch.tensor(float("nan") if it == 3 else 0.0)}
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib[:64], observer="hist_mse", iters=10, act_init_images=0)
+    engine = Engine(qmodel, units[1:2], cifar_calib[:64], CPU, EngineSettings(show_progress=False), NanAtThree())
+    with pytest.raises(NumericalError) as err:
+        engine.run(phases)
+    assert str(err.value) == "unit layer1.0 (qdrop) iteration 3: loss is nan"
