@@ -5,14 +5,16 @@ iteration budget.
 
     python benchmarks/reconstruction_speed.py                          # ResNet-20, W2A4, 500 iterations per unit
     python benchmarks/reconstruction_speed.py --iters 2000 --threads 2
+    python benchmarks/reconstruction_speed.py --model mobilenet_v2 --bits W4A8 --iters 50 --images 64 \
+        --results benchmarks/results/reconstruction_speed_mobilenet_v2.md
 
 How the comparison is kept fair: the toolkit prepares and calibrates one model (MQBench `prepare_by_platform`,
 Academic, our quantizer subclasses, the 8-bit conventions, the calibration images); it is deep-copied twice. One copy
 gets ptqkit's engine with QDrop's settings and no re-initialisation of the activation steps (`act_init_images: 0`,
 so both start from the same ranges). In the other copy every quantizer is turned back into the stock MQBench class
 it derives from (`AdaRoundFakeQuantize`, `QDropFakeQuantize`, same state), and MQBench's own
-`ptq_reconstruction` runs on it with the same hyper-parameters (block pattern, prob 0.5, λ 0.01, β 20→2, warm-up 0.2,
-step lr 4e-5), on the same calibration images in batches of `--batch`. MQBench finds its own blocks; the iterations
+`ptq_reconstruction` runs on it with the same hyper-parameters (block pattern, prob 0.5, the per-architecture λ,
+β 20→2, warm-up 0.2, step lr 4e-5), on the same calibration images in batches of `--batch`. MQBench finds its own blocks; the iterations
 per unit are the same. The CIFAR option-A shortcut is a leaf module for both (MQBench's block search cannot walk the
 slices inside it on Python 3.11).
 
@@ -74,6 +76,8 @@ def measure(fn):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet20", choices=("resnet20", "mobilenet_v2"),
+                        help="CIFAR-10 ResNet-20 or ImageNet MobileNetV2 on the shared ImageNet sample")
     parser.add_argument("--bits", default="W2A4")
     parser.add_argument("--iters", type=int, default=500, help="iterations per unit, both methods")
     parser.add_argument("--images", type=int, default=1024, help="calibration images (seed 1005)")
@@ -97,8 +101,9 @@ def main() -> int:
     from ptqkit import quantize as pq
     from ptqkit.config import validate
 
-    tree = config_tree("resnet20", args.assets, "hist_mse", args.images, 2.4, args.bits)
-    tree["model"]["leaf_modules"] = ["OptionAShortcut"]
+    tree = config_tree(args.model, args.assets, "hist_mse", args.images, 2.4, args.bits)
+    if args.model == "resnet20":
+        tree["model"]["leaf_modules"] = ["OptionAShortcut"]
     tree["data"]["calibration"]["batch_size"] = args.batch
     tree["data"]["evaluation"]["limit"] = args.eval_limit
     tree["algorithm"] = {"name": "qdrop", "iters": args.iters, "batch_size": args.batch, "act_init_images": 0}
@@ -136,8 +141,8 @@ def main() -> int:
     # ---------------------------------------------------------------------------------------- MQBench
     stock = copy.deepcopy(calibrated)
     to_stock_mqbench(stock)
-    config = AttrDict(pattern="block", scale_lr=4e-5, warm_up=0.2, weight=0.01, max_count=args.iters,
-                      b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=0.5)
+    config = AttrDict(pattern="block", scale_lr=4e-5, warm_up=0.2, weight=cfg.algorithm.weight,
+                      max_count=args.iters, b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=0.5)
     batches = [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)]
     count = {"units": 0}
     original = mq_ptq.subgraph_reconstruction
@@ -162,9 +167,9 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d')}: one process, {args.threads} torch thread(s), {os.cpu_count()}-core CPU, "
         f"torch {torch.__version__}, Python {platform.python_version()}; load average at the end "
         f"{os.getloadavg()[0]:.1f}.", "",
-        f"CIFAR-10 ResNet-20 (shared checkpoint), {args.bits}, per-channel weights, first/last-layer weights and the "
+        f"{cfg.model.name} (shared checkpoint), {args.bits}, per-channel weights, first/last-layer weights and the "
         f"last layer's input at 8 bit, histogram-MSE calibration on {len(calib)} images (seed 1005), shared by both; "
-        f"{args.iters} iterations per unit at batch {args.batch}; top-1 on {len(eval_images)} test images.", "",
+        f"{args.iters} iterations per unit at batch {args.batch}; top-1 on {len(eval_images)} evaluation images.", "",
         f"FP32 top-1 {fp32:.2f} %; round-to-nearest from the shared calibration {rtn:.2f} %.", "",
         "| reconstruction | units | iterations | wall s | s / iteration | peak RSS MB (start) | top-1 % | "
         "FP32 top-1 % |", "|---|---|---|---|---|---|---|---|"]
