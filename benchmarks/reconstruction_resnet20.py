@@ -28,6 +28,11 @@ for _m in ("adaround", "brecq", "brecq_joint", "qdrop"):
     CONFIGS[_m] = f"configs/cifar10/resnet20_w4a4_{_m}.yaml"
 
 
+def finished(method: str, bits: str, seed: int, out_root: str) -> dict | None:
+    path = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}", "results.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
 def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], threads: int = 0) -> dict | None:
     w, a = bits[1:].split("A")
     run_dir = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}")
@@ -87,13 +92,19 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results/reconstruction_resnet20.md")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    parser.add_argument("--table-only", action="store_true",
+                        help="tabulate the finished runs, start none (cells not finished are listed as missing)")
     args = parser.parse_args()
     out_root = os.path.join(REPO, args.out)
     os.makedirs(out_root, exist_ok=True)
     cells = [(m, b, s) for m in args.methods for b in args.bits for s in args.seeds]
     threads = 1 if args.jobs > 1 else 0
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda c: run_one(*c, out_root, args.extra, threads), cells))
+    if args.table_only:
+        results = [finished(*c, out_root) for c in cells]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(lambda c: run_one(*c, out_root, args.extra, threads), cells))
+    missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]
     rows = [row(*c, r) for c, r in zip(cells, results) if r is not None]
     header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | wall s: FP32 eval / quantize / "
               "quant eval | iterations | ms / iteration | peak RSS MB | RSS after each unit MB: first → last |\n"
@@ -102,6 +113,8 @@ def main() -> int:
     text = (f"# ResNet-20 (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
             f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"
             f"{header}\n" + "\n".join(rows) + "\n")
+    if missing:
+        text += "\nNot finished: " + ", ".join(missing) + ".\n"
     os.makedirs(os.path.dirname(os.path.join(REPO, args.results)), exist_ok=True)
     with open(os.path.join(REPO, args.results), "w") as f:
         f.write(text)
