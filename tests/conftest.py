@@ -38,6 +38,19 @@ def base_tree(**sections) -> dict:
     return deep_merge(tree, sections)
 
 
+def small_run_config(tmp_path, name: str, algorithm: dict, observer: str, images: int, seed: int) -> str:
+    """A YAML file for a quick ptq_main.py run of ResNet-20 into tmp_path/name: `images` calibration images, the
+    first 1,000 test images, one thread."""
+    import yaml
+    tree = base_tree(algorithm=algorithm, quant={"w": {"observer": observer}, "a": {"observer": observer}},
+                     runtime={"output_dir": str(tmp_path / name), "threads": 1, "seed": seed})
+    tree["data"]["calibration"]["num_images"] = images
+    tree["data"]["evaluation"].update(limit=1000, workers=0)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def cifar_test_set():
     """All 10,000 shared CIFAR-10 test images, decoded once: (images, labels)."""

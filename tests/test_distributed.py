@@ -13,21 +13,14 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, base_tree
+from conftest import REPO, base_tree, small_run_config
 
 TOP1_TOLERANCE = 1.0
 UNIT_LOSS_TOLERANCE = 0.25
 
 
 def _config(tmp_path, name: str, algorithm: dict) -> str:
-    tree = base_tree(algorithm=algorithm, quant={"w": {"observer": "minmax"}, "a": {"observer": "minmax"}},
-                     runtime={"output_dir": str(tmp_path / name), "threads": 1, "seed": 11})
-    tree["data"]["calibration"]["num_images"] = 128
-    tree["data"]["evaluation"]["limit"] = 1000
-    tree["data"]["evaluation"]["workers"] = 0
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
+    return small_run_config(tmp_path, name, algorithm, "minmax", images=128, seed=11)
 
 
 def _run(tmp_path, name: str, algorithm: dict, processes: int) -> dict:

@@ -12,21 +12,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, base_tree
+from conftest import REPO, base_tree, small_run_config
 
 ITERS = 40
 
 
 def _config(tmp_path, name: str) -> str:
-    tree = base_tree(algorithm={"name": "qdrop", "iters": ITERS, "act_init_images": 32},
-                     quant={"w": {"observer": "hist_mse"}, "a": {"observer": "hist_mse"}},
-                     runtime={"output_dir": str(tmp_path / name), "threads": 1, "seed": 7})
-    tree["data"]["calibration"]["num_images"] = 64
-    tree["data"]["evaluation"]["limit"] = 1000
-    tree["data"]["evaluation"]["workers"] = 0
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
+    return small_run_config(tmp_path, name, {"name": "qdrop", "iters": ITERS, "act_init_images": 32}, "hist_mse",
+                            images=64, seed=7)
 
 
 def _cmd(*args):
