@@ -105,13 +105,14 @@ def main(argv=None) -> int:
 
 
 def _interrupted_message(run_dir: str | None) -> str:
-    from ptqkit.resume import progress_path
+    from ptqkit.errors import UserError
+    from ptqkit.resume import progress_path, read_progress
     if run_dir is None:
         return "interrupted before the run started"
-    if not os.path.exists(progress_path(run_dir)):
+    try:
+        done = read_progress(progress_path(run_dir))["history"]
+    except UserError:
         return f"interrupted; no unit was finished, nothing to resume in {run_dir}"
-    import torch
-    done = torch.load(progress_path(run_dir), map_location="cpu", weights_only=True)["history"]
     return (f"interrupted; {len(done)} finished units are saved in {progress_path(run_dir)} "
             f"(last: {done[-1]['name']}); continue with: python ptq_main.py --resume {run_dir}")
 

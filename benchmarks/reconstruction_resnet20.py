@@ -37,8 +37,9 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
     w, a = bits[1:].split("A")
     run_dir = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}")
     results = os.path.join(run_dir, "results.json")
-    if os.path.exists(results):
-        return json.load(open(results))
+    done = finished(method, bits, seed, out_root)
+    if done is not None:
+        return done
     resume = os.path.exists(os.path.join(run_dir, "progress.pt"))
     if os.path.isdir(run_dir) and not resume:
         # Interrupted before its first unit was saved: start it again in the same folder.
