@@ -18,7 +18,7 @@ from ptqkit.config import validate
 CPU = torch.device("cpu")
 
 
-def _setup(resnet20, cifar_calib, name="qdrop", observer="mse", **algo):
+def _setup(resnet20, cifar_calib, name="qdrop", observer="hist_mse", **algo):
     cfg = validate(base_tree(quant={"w": {"bits": 2}, "a": {"bits": 4, "observer": observer}},
                              algorithm={"name": name, **algo}))
     ctx = RunContext(cfg, resnet20, cifar_calib, torch.zeros(len(cifar_calib)), CPU, show_progress=False)

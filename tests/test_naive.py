@@ -42,12 +42,12 @@ def test_w4a4_mse_beats_minmax_and_keeps_the_model_useful(resnet20, cifar_calib,
     images, labels = cifar_test_set
     images, labels = images[:2000], labels[:2000]
     accs = {}
-    for obs in ("minmax", "mse"):
+    for obs in ("minmax", "hist_mse"):
         cfg = validate(base_tree(quant={"w": {"bits": 4, "observer": obs}, "a": {"bits": 4, "observer": obs}}))
         qmodel, _ = _naive(cfg, resnet20, cifar_calib)
         accs[obs] = top1(qmodel, images, labels)
-    assert accs["mse"] > accs["minmax"]
-    assert accs["mse"] > 60.0
+    assert accs["hist_mse"] > accs["minmax"]
+    assert accs["hist_mse"] > 60.0
 
 
 def test_pipeline_writes_results_and_never_overwrites_a_run(tmp_path):
