@@ -78,14 +78,12 @@ def main() -> int:
         if len(loss_runs) > 1:
             plots.append(plot(loss_runs, os.path.join(report_dir, f"unit_losses_{bits.lower()}.png")))
 
-    header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | quantize s | iterations | "
-              "ms / iteration | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
     groups = list(dict.fromkeys(g for (m, b, _), r in done if (g := groups_line(m, b, r))))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# ResNet-20 (CIFAR-10, shared assets): MRECG beside QDrop\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores)"
             + (f"; smoke overrides: {', '.join(SMOKE)}" if args.smoke else "") + ".\n\n"
-            f"## Runs\n\n{header}\n" + "\n".join(rr.row(*c, r) for c, r in done) + "\n\n"
+            f"## Runs\n\n{rr.ROW_HEADER}\n" + "\n".join(rr.row(*c, r) for c, r in done) + "\n\n"
             f"## Mean ± std over seeds (tools.compare)\n\n{aggregated}\n"
             f"## Groups\n\n" + "\n".join(groups) + "\n\n"
             f"## Final reconstruction loss per unit, seed {seeds[0]} (tools.plot_unit_losses)\n\n"

@@ -114,15 +114,13 @@ def main() -> int:
     done = [(c, r) for c, r in zip(cells, results) if r is not None]
     run_dirs = {c: os.path.join(out_root, f"{c[0]}_{c[1].lower()}_s{c[2]}") for c, _ in done}
 
-    header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | quantize s | iterations | "
-              "ms / iteration | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     smoke = f"; smoke overrides: {', '.join(SMOKE)} (PD-Quant rows also {', '.join(SMOKE_DC)})" if args.smoke else ""
     text = (f"# ResNet-20 (CIFAR-10, shared assets): PD-Quant beside QDrop\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores){smoke}. pdquant_pd_only = "
             "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration = quantize seconds (DC "
             "included) / iterations; DC s = distribution-correction seconds per run.\n\n"
-            f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{header}\n"
+            f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
     os.makedirs(os.path.dirname(results_md), exist_ok=True)
     with open(results_md, "w") as f:

@@ -70,7 +70,13 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
     return json.load(open(results))
 
 
+ROW_HEADER = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | wall s: FP32 eval / quantize / "
+              "quant eval | iterations | ms / iteration | peak RSS MB | RSS after each unit MB: first → last |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+
+
 def row(method: str, bits: str, seed: int, r: dict) -> str:
+    """One line under ROW_HEADER."""
     units = r.get("algorithm_results", {}).get("units", [])
     iters = sum(u["iterations"] for u in units)
     unit_s = sum(u["seconds"] for u in units)
@@ -107,13 +113,10 @@ def main() -> int:
             results = list(pool.map(lambda c: run_one(*c, out_root, args.extra, threads), cells))
     missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]
     rows = [row(*c, r) for c, r in zip(cells, results) if r is not None]
-    header = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | wall s: FP32 eval / quantize / "
-              "quant eval | iterations | ms / iteration | peak RSS MB | RSS after each unit MB: first → last |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# ResNet-20 (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
             f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"
-            f"{header}\n" + "\n".join(rows) + "\n")
+            f"{ROW_HEADER}\n" + "\n".join(rows) + "\n")
     if missing:
         text += "\nNot finished: " + ", ".join(missing) + ".\n"
     os.makedirs(os.path.dirname(os.path.join(REPO, args.results)), exist_ok=True)
