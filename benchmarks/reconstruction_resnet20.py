@@ -90,6 +90,17 @@ def row(method: str, bits: str, seed: int, r: dict) -> str:
             f"{iters} | {ms_it} | {r['memory']['host_peak_rss_mb']:.0f} | {rss_units} |")
 
 
+NOTES_HEADING = "## Notes (written after the runs)"
+
+
+def _written_notes(path: str) -> str:
+    """The hand-written notes of an earlier results file, from NOTES_HEADING on: regenerating the table keeps them."""
+    if not os.path.exists(path):
+        return ""
+    text = open(path).read()
+    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["naive", "adaround", "brecq", "brecq_joint", "qdrop"])
@@ -119,9 +130,11 @@ def main() -> int:
             f"{ROW_HEADER}\n" + "\n".join(rows) + "\n")
     if missing:
         text += "\nNot finished: " + ", ".join(missing) + ".\n"
-    os.makedirs(os.path.dirname(os.path.join(REPO, args.results)), exist_ok=True)
-    with open(os.path.join(REPO, args.results), "w") as f:
-        f.write(text)
+    path = os.path.join(REPO, args.results)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    notes = _written_notes(path)
+    with open(path, "w") as f:
+        f.write(text + (f"\n{notes}" if notes else ""))
     print(text)
     return 0
 
