@@ -88,9 +88,7 @@ def main() -> int:
             f"## Groups\n\n" + "\n".join(groups) + "\n\n"
             f"## Final reconstruction loss per unit, seed {seeds[0]} (tools.plot_unit_losses)\n\n"
             + "\n".join(f"- {os.path.relpath(p, os.path.dirname(results_md))}" for p in plots) + "\n")
-    os.makedirs(os.path.dirname(results_md), exist_ok=True)
-    with open(results_md, "w") as f:
-        f.write(text)
+    rr.write_results(results_md, text)
     print(text)
     failed = len(cells) - len(done)
     if failed:

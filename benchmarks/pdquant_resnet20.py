@@ -122,9 +122,7 @@ def main() -> int:
             "included) / iterations; DC s = distribution-correction seconds per run.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
-    os.makedirs(os.path.dirname(results_md), exist_ok=True)
-    with open(results_md, "w") as f:
-        f.write(text)
+    rr.write_results(results_md, text)
     print(text)
     failed = len(cells) - len(done)
     if failed:

@@ -94,8 +94,7 @@ def main() -> int:
         # per-unit seconds survive the resume.
         unit_s = lambda r: sum(u["seconds"] for u in r["algorithm_results"]["units"])  # noqa: E731
         ptmq_s, qdrop_s = unit_s(ptmq), sum(unit_s(r) for r in qdrop_runs)
-        resumed = [n for n, r in [("ptmq", ptmq)] + [(f"qdrop {c[1]}", r) for c, r in by_cell.items()
-                                                       if c[0] == "qdrop"] if "resumed" in r]
+        resumed = [f"{c[0]} {c[1]}" for c, r in by_cell.items() if "resumed" in r]
         timing = (f"Reconstruction (sum of unit seconds): PTMQ {ptmq_s:.0f} s for one model serving "
                   f"{len(args.a_bits)} bit-widths vs QDrop {qdrop_s:.0f} s for its {len(qdrop_runs)} models: "
                   f"{ptmq_s / qdrop_s:.2f}x the sum." + (f" Resumed runs: {', '.join(resumed)}." if resumed else ""))
@@ -108,9 +107,7 @@ def main() -> int:
             f"## Runs\n\n{rr.ROW_HEADER}\n" + "\n".join(runs) + "\n\n"
             f"## PTMQ within {TOLERANCE} point of each single-bit QDrop run\n\n" + "\n".join(comparison) + "\n\n"
             f"{'All within.' if all(verdicts) else 'NOT all within.'}\n\n## Time\n\n{timing}\n")
-    os.makedirs(os.path.dirname(results_md), exist_ok=True)
-    with open(results_md, "w") as f:
-        f.write(text)
+    rr.write_results(results_md, text)
     print(text)
     failed = len(cells) - len(by_cell)
     if failed:

@@ -28,14 +28,18 @@ for _m in ("adaround", "brecq", "brecq_joint", "qdrop"):
     CONFIGS[_m] = f"configs/cifar10/resnet20_w4a4_{_m}.yaml"
 
 
+def run_folder(method: str, bits: str, seed: int, out_root: str) -> str:
+    return os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}")
+
+
 def finished(method: str, bits: str, seed: int, out_root: str) -> dict | None:
-    path = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}", "results.json")
+    path = os.path.join(run_folder(method, bits, seed, out_root), "results.json")
     return json.load(open(path)) if os.path.exists(path) else None
 
 
 def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], threads: int = 0) -> dict | None:
     w, a = bits[1:].split("A")
-    run_dir = os.path.join(out_root, f"{method}_{bits.lower()}_s{seed}")
+    run_dir = run_folder(method, bits, seed, out_root)
     results = os.path.join(run_dir, "results.json")
     done = finished(method, bits, seed, out_root)
     if done is not None:
@@ -90,15 +94,19 @@ def row(method: str, bits: str, seed: int, r: dict) -> str:
             f"{iters} | {ms_it} | {r['memory']['host_peak_rss_mb']:.0f} | {rss_units} |")
 
 
-NOTES_HEADING = "## Notes (written after the runs)"
+NOTES_HEADING = "## Notes (written after the run"  # "...run)" or "...runs)"
 
 
-def _written_notes(path: str) -> str:
-    """The hand-written notes of an earlier results file, from NOTES_HEADING on: regenerating the table keeps them."""
-    if not os.path.exists(path):
-        return ""
-    text = open(path).read()
-    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+def write_results(path: str, text: str) -> None:
+    """Write a generated results file, keeping the hand-written notes of the one it replaces (from NOTES_HEADING
+    on): a benchmark re-run or re-tabulated must not erase what was written about its figures."""
+    notes = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + (f"\n{notes}" if notes else ""))
 
 
 def main() -> int:
@@ -130,11 +138,7 @@ def main() -> int:
             f"{ROW_HEADER}\n" + "\n".join(rows) + "\n")
     if missing:
         text += "\nNot finished: " + ", ".join(missing) + ".\n"
-    path = os.path.join(REPO, args.results)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    notes = _written_notes(path)
-    with open(path, "w") as f:
-        f.write(text + (f"\n{notes}" if notes else ""))
+    write_results(os.path.join(REPO, args.results), text)
     print(text)
     return 0
 
