@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--scheme-seeds", nargs="+", type=int,
                         help="seeds of the hand-written scheme (default: the first seed only; it is recorded beside "
                              "the automatic grouping, whose three seeds are the comparison with qdrop)")
+    parser.add_argument("--scheme-bits", nargs="+", help="bit-widths of the hand-written scheme (default: --bits)")
     parser.add_argument("--smoke", action="store_true", help="20 iterations, 128 calibration images, 500 test "
                                                              "images, the first seed only, single-threaded")
     parser.add_argument("--out", help="run folders (default benchmarks/runs/resnet20, smoke: .../mrecg_smoke)")
@@ -62,8 +63,9 @@ def main() -> int:
     os.makedirs(out_root, exist_ok=True)
     threads = 1 if args.jobs > 1 or args.smoke else 0
     scheme_seeds = seeds[:1] if args.smoke else (args.scheme_seeds or seeds[:1])
+    scheme_bits = args.scheme_bits or args.bits
     cells = [(m, b, s) for b in args.bits for m in args.methods
-             for s in (scheme_seeds if m == "mrecg_scheme" else seeds)]
+             for s in (scheme_seeds if m == "mrecg_scheme" else seeds) if m != "mrecg_scheme" or b in scheme_bits]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda c: rr.run_one(*c, out_root, extra, threads), cells))
     done = [(c, r) for c, r in zip(cells, results) if r is not None]
