@@ -44,7 +44,7 @@ from tqdm import tqdm
 from algorithms.graph import prefix_module, unit_module
 from algorithms.quantizers import ActQuantizer, act_quantizers, keep_probability, quant_state
 from algorithms.units import Unit
-from ptqkit import distributed
+from ptqkit import distributed, heap
 from ptqkit.errors import NumericalError, UserError
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class EngineSettings:
     cache_dtype: torch.dtype = torch.float32
     log_every: int = 100
     show_progress: bool = True
+    retain_cpu_heap: bool = True      # ptqkit.heap: reuse freed CPU memory instead of page-faulting it back
 
 
 @dataclass
@@ -285,7 +286,8 @@ class Engine:
     # ----------------------------------------------------------------------------------- optimisation
     def run(self, phases: list[Phase], after: tuple[int, int] = (-1, -1),
             on_unit_done: Optional[Callable[[int, int], None]] = None) -> list[dict]:
-        with frozen_parameters(self.gm):
+        retain = self.settings.retain_cpu_heap and self.device.type == "cpu"
+        with frozen_parameters(self.gm), heap.retained_heap(retain):
             for p, phase in enumerate(phases):
                 carried = None
                 for k, unit in enumerate(self.units):
@@ -299,6 +301,7 @@ class Engine:
                     self.history.append(record)
                     carried = self._carry(k, cache, module, phase)
                     del cache
+                    heap.trim()
                     record["rss_mb"] = resident_memory_mb()
                     if self.device.type == "cuda":
                         record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)

@@ -80,32 +80,38 @@ class _LsqDropFn(torch.autograd.Function):
 
     out = keep ? (clamp(round(x/s) + z, qmin, qmax) - z) * s : x. Straight-through: d out/dx = 1 inside the
     integer range (and where dropped), 0 where clamped; d out/ds = round(x/s) - x/s inside, (clamped int - z)
-    outside — exactly what MQBench's STE formula gives through autograd, with fewer full-size temporaries.
+    outside, 0 where dropped — exactly what MQBench's STE formula gives through autograd.
+
+    On activation-sized tensors every elementwise pass and every fresh allocation costs about as much as the
+    convolution, so the forward builds only what the backward needs — the d out/ds factor (float, in the x/s
+    buffer) and the clamped-and-kept mask (bool) — and the backward is one masked copy and one dot product.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, mask):
-        xs = x / scale
-        q = torch.round(xs).add_(zero_point)
-        inside = (q >= qmin) & (q <= qmax)
-        q.clamp_(qmin, qmax).sub_(zero_point)
-        out = q * scale
+        ds = x / scale
+        q = torch.round(ds)
+        # clamp(round + z, qmin, qmax) - z == clamp(round, qmin - z, qmax - z) exactly for integer-valued floats
+        qc = torch.clamp(q, qmin - zero_point, qmax - zero_point)
+        clamped = torch.ne(q, qc, out=torch.empty_like(q, dtype=torch.bool))
+        del q
+        ds.masked_fill_(clamped, 0.0)
+        torch.sub(qc, ds, out=ds)                 # round(x/s) - x/s inside, clamped int - z outside
+        out = qc.mul_(scale)
         if mask is not None:
-            out = torch.where(mask, out, x)
-        ctx.save_for_backward(xs, q, inside, mask)
+            torch.where(mask, out, x, out=out)
+            ds.mul_(mask)
+            clamped.logical_and_(mask)
+        ctx.save_for_backward(ds, clamped)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        xs, q, inside, mask = ctx.saved_tensors
-        # ds: round(x/s) - x/s inside the range (q holds round(x/s) there), q (= clamped int - z) outside.
-        ds_terms = torch.where(inside, q - xs, q)
-        if mask is not None:
-            grad_x = torch.where(mask & ~inside, torch.zeros_like(grad), grad)
-            ds_terms = ds_terms.masked_fill_(~mask, 0)
-        else:
-            grad_x = grad * inside
-        grad_scale = (grad * ds_terms).sum().reshape(1) if ctx.needs_input_grad[1] else None
+        ds, clamped = ctx.saved_tensors
+        grad_x = grad.masked_fill(clamped, 0.0)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(1)
         return grad_x, grad_scale, None, None, None, None
 
 
