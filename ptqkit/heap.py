@@ -2,11 +2,12 @@
 
 Why: every reconstruction iteration allocates and frees the same few dozen activation-sized tensors (on
 MobileNetV2 at batch 32, 150 MB each). glibc serves anything above its mmap threshold (at most 32 MB) with a fresh
-mmap and unmaps it on free, so each allocation pays a page fault and kernel zeroing per 4 KB page: on 2 cores that
-was 40 % of the wall time of an early MobileNetV2 unit, as much as the arithmetic. With mmap off and a high trim
-threshold the same memory is reused from the heap, page faults disappear, and the peak stays that of the live
-tensors (freed blocks are reused, not added). The setting is process-wide, so it is scoped: restored to glibc's
-defaults on exit, and the heap is trimmed then and after every unit so resident memory is measured honestly.
+mmap and unmaps it on free, so each allocation pays a page fault and kernel zeroing per 4 KB page: on the first
+MobileNetV2 units that was 37 % of the process's CPU time, spent in the kernel
+(benchmarks/results/reconstruction_speed_mobilenet_v2.md). With mmap off and a high trim threshold the same memory
+is reused from the heap and the page faults disappear; the peak grows only by fragmentation (6 % on MobileNetV2).
+The setting is process-wide, so it is scoped: glibc's defaults come back on exit, and the heap is trimmed then and
+after every unit, so the resident memory recorded per unit stays honest.
 """
 from __future__ import annotations
 
