@@ -253,7 +253,7 @@ class MRECG(Reconstruction):
                       act_init_images=min(p.act_init_images, len(images)))
         settings = EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
                                   cache_dtype=getattr(torch, p.cache_dtype), show_progress=False,
-                                  retain_cpu_heap=p.retain_cpu_heap)
+                                  retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
         saved = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
         try:
             history = Engine(qmodel, base, images, ctx.device, settings).run([phase])

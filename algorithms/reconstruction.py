@@ -47,8 +47,6 @@ class ReconstructionConfig(AlgorithmConfig):
                                                "cached inputs before learning (0 = keep the global calibration)")
     cache_device: str = spec("auto", choices=("auto", "cpu"), doc="where cached unit inputs/targets live")
     cache_dtype: str = spec("float32", choices=("float32", "float16"))
-    retain_cpu_heap: bool = spec(True, doc="on CPU with glibc, keep freed memory in the heap during reconstruction "
-                                           "instead of unmapping it (ptqkit/heap.py); false = glibc's default")
     log_every: int = spec(100, lo=1, doc="loss history resolution (iterations)")
 
     def finalize(self, cfg) -> None:
@@ -103,7 +101,7 @@ class Reconstruction(Algorithm):
         p = self.params
         settings = EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
                                   cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
-                                  show_progress=ctx.show_progress, retain_cpu_heap=p.retain_cpu_heap)
+                                  show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
         # several processes: each caches and draws from its own calibration batches only
         images = distributed.shard_batches(ctx.calib_images, ctx.cfg.data.calibration.batch_size)
         engine = Engine(qmodel, units, images, ctx.device, settings, self.hooks(qmodel, units, ctx))

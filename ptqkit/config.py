@@ -114,6 +114,8 @@ class RuntimeConfig:
     threads: int = spec(0, lo=0, hi=512, doc="torch CPU threads; 0 = torch's default")
     output_dir: str = spec("runs/default", doc="run folder; an existing one is never overwritten (a suffix is added)")
     save_model: bool = spec(True, doc="save the quantized model (quantizer state, rounded weights)")
+    retain_cpu_heap: bool = spec(True, doc="on CPU with glibc, keep freed memory in the heap during reconstruction "
+                                           "instead of unmapping it (ptqkit/heap.py); false = glibc's default")
 
 
 @dataclass

@@ -46,8 +46,8 @@ SETTING_KEYS = ("model.name", "model.checkpoint", "model.kwargs", "data.root", "
                 "data.calibration.split", "data.calibration.num_images", "data.calibration.per_class",
                 "data.evaluation.split", "data.evaluation.limit")
 _PATH_KEYS = {"model.checkpoint", "data.root"}
-# Seeds make repeats; batch sizes, workers, runtime options and the CPU allocator setting (ptqkit/heap.py: where
-# freed memory goes, not what is computed) do not change what is measured.
+# Seeds make repeats; batch sizes, workers and runtime options do not change what is measured.
+# algorithm.retain_cpu_heap: the allocator setting's first place (now runtime.), in two recorded MRECG runs' configs.
 _REPEAT_KEYS = ("data.calibration.seed", "data.calibration.batch_size", "data.evaluation.batch_size",
                 "data.evaluation.workers", "algorithm.retain_cpu_heap")
 _REPEAT_PREFIXES = ("runtime.",)
