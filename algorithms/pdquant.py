@@ -71,11 +71,35 @@ def bn_inputs(bns: list[nn.BatchNorm2d]):
             h.remove()
 
 
+class _SampleStats(torch.autograd.Function):
+    """Per-sample, per-channel mean and unbiased variance of (N, C, L) over L. torch.var runs a one-thread Welford
+    loop on CPU that costs as much as the unit's convolutions; two passes and a closed-form backward do not."""
+
+    @staticmethod
+    def forward(ctx, flat):
+        mean = flat.mean(2, keepdim=True)
+        centred = flat - mean
+        var = (centred * centred).sum(2) / (flat.shape[2] - 1)
+        ctx.save_for_backward(centred)
+        return mean.squeeze(2), var
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        (centred,) = ctx.saved_tensors
+        n = centred.shape[2]
+        return torch.addcmul((g_mean / n).unsqueeze(2), centred, (g_var * (2.0 / (n - 1))).unsqueeze(2))
+
+
+def sample_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _SampleStats.apply(flat)
+
+
 def bn_distance(seen: dict, bns: list[nn.BatchNorm2d]) -> torch.Tensor:
     total = 0.0
     for bn in bns:
         flat = seen[bn].flatten(2)
-        mean, std = flat.mean(2), (flat.var(2) + BN_EPS).sqrt()
+        mean, var = sample_stats(flat)
+        std = (var + BN_EPS).sqrt()
         total = total + ((mean - bn.running_mean).pow(2).sum()
                          + (std - (bn.running_var + BN_EPS).sqrt()).pow(2).sum()) / len(flat)
     return total
@@ -89,7 +113,9 @@ def correct_inputs(module: nn.Module, bns: list[nn.BatchNorm2d], fp_in: torch.Te
         for start in range(0, len(fp_in), params.dc_batch):
             x = fp_in[start:start + params.dc_batch].to(device, torch.float32)
             x_hat = x.clone().requires_grad_(True)
-            opt = torch.optim.Adam([x_hat], lr=params.bn_lr)
+            # fused: one pass over x̂ per step instead of about ten; on CPU the default (foreach) step costs more
+            # than the unit's forward. Same update up to float rounding.
+            opt = torch.optim.Adam([x_hat], lr=params.bn_lr, fused=True)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=DC_PATIENCE, min_lr=DC_MIN_LR)
             with torch.no_grad():
                 module(x)

@@ -10,7 +10,7 @@ import torch
 from algorithms.base import RunContext
 from algorithms.engine import Engine, EngineSettings, Hooks, UnitCache, phase_state, reconstruction_loss
 from algorithms.graph import prefix_module, unit_module
-from algorithms.pdquant import bn_distance, bn_inputs, correct_inputs, prediction_difference
+from algorithms.pdquant import bn_distance, bn_inputs, correct_inputs, prediction_difference, sample_stats
 from algorithms.quantizers import fake_quantizers, fp_mode
 from algorithms.registry import get_algorithm
 from conftest import ASSETS, REPO, base_tree
@@ -68,6 +68,20 @@ def test_pd_term_vanishes_when_quantized_and_fp_logits_coincide(resnet20, cifar_
         pd = hooks.extra_loss(unit, module(q_in), idx, 0, phase)["pd"]
         assert _flags(qmodel) == before
     assert pd.item() > 1e-3
+
+
+def test_sample_statistics_match_torch_mean_var_and_their_gradients(cifar_calib):
+    flat = cifar_calib[:4].double().flatten(2)                       # real images: (4, 3, 1024)
+    mean, var = sample_stats(flat)
+    assert torch.allclose(mean, flat.mean(2), rtol=1e-12) and torch.allclose(var, flat.var(2), rtol=1e-12)
+    small = flat[:2, :, :50].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: sample_stats(x), (small,))
+    # The loss DC differentiates: both outputs used, with different weights.
+    x1, x2 = small.detach().clone().requires_grad_(True), small.detach().clone().requires_grad_(True)
+    m, v = sample_stats(x1)
+    (3 * m.sum() + (v + 1e-6).sqrt().sum()).backward()
+    (3 * x2.mean(2).sum() + (x2.var(2) + 1e-6).sqrt().sum()).backward()
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
 
 
 def test_distribution_correction_lowers_the_bn_statistics_distance(resnet20, cifar_calib):
