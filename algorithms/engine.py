@@ -312,7 +312,7 @@ class Engine:
     def _optimise(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> dict:
         s, device = self.settings, self.device
         start_time = time.perf_counter()
-        cache = self.hooks.unit_start(unit, module, cache, phase)
+        network_cache, cache = cache, self.hooks.unit_start(unit, module, cache, phase)
         if phase.quant_acts and phase.act_init_images > 0:
             init_act_steps(module, unit, cache, phase.act_init_images, max(s.batch_size, 64), device)
         w_params, a_params = [], []
@@ -383,14 +383,20 @@ class Engine:
         if phase.learn_rounding:
             for layer, wq in unit.weight_quantizers:
                 wq.harden(layer.weight)
-        final = self.unit_error(module, cache, phase)
+        # Against the FP network's own output, whatever target the method trained on (PD-Quant's DC replaces it),
+        # so that the figure compares across methods; the method's own target gets its figure beside it.
+        final = self.unit_error(module, network_cache, phase)
+        own = None if cache is network_cache else self.unit_error(module, cache, phase)
         self.hooks.unit_end(unit)
         seconds = time.perf_counter() - start_time
         log.info("%s %-24s rec %.5g -> final %.5g (%d it, %.1f s, %.2f ms/it)", phase.name, unit.name,
                  hist["rec"][0] if hist["rec"] else float("nan"), final, phase.iters, seconds,
                  1000 * seconds / max(phase.iters, 1))
-        return {"name": unit.name, "iterations": phase.iters, "final_rec_loss": final, "seconds": round(seconds, 3),
-                "history": hist}
+        record = {"name": unit.name, "iterations": phase.iters, "final_rec_loss": final, "seconds": round(seconds, 3),
+                  "history": hist}
+        if own is not None:
+            record["final_rec_loss_method_target"] = own
+        return record
 
     @torch.no_grad()
     def unit_error(self, module, cache: UnitCache, phase: Phase) -> float:

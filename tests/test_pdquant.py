@@ -121,10 +121,17 @@ def test_the_engine_carries_the_uncorrected_cache_to_the_next_unit(resnet20, cif
     with torch.no_grad(), fp_mode(qmodel):
         (fp_in,) = prefix_module(qmodel, [chain[0].input])(images)
         raw_fp_out = unit_module(qmodel, chain[0])(fp_in)
-    Engine(qmodel, chain, images, CPU, EngineSettings(show_progress=False), Recording()).run([phase])
+    history = Engine(qmodel, chain, images, CPU, EngineSettings(show_progress=False), Recording()).run([phase])
     assert not torch.allclose(corrected[0].fp_out, raw_fp_out)          # unit 0 learned a corrected target
     assert torch.allclose(received[1].fp_in, raw_fp_out)                # unit 1 starts from the raw FP output
     assert received[1].q_in.shape == received[1].fp_in.shape
+    # The recorded error is against the FP network's output, comparable with QDrop's; DC's own target beside it.
+    with torch.no_grad(), phase_state(qmodel, phase):
+        out = unit_module(qmodel, chain[0])(received[0].q_in)
+    network, own = (reconstruction_loss(out, t, 2.0).item() for t in (raw_fp_out, corrected[0].fp_out))
+    assert network != pytest.approx(own, rel=1e-3)
+    assert history[0]["final_rec_loss"] == pytest.approx(network, rel=1e-5)
+    assert history[0]["final_rec_loss_method_target"] == pytest.approx(own, rel=1e-5)
 
 
 def test_with_both_parts_off_the_loss_history_is_qdrop_exactly(resnet20, cifar_calib):
