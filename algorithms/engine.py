@@ -342,6 +342,7 @@ class Engine:
         last = {}
         bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
                    mininterval=1.0)
+        loop_start = time.perf_counter()
         with phase_state(self.gm, phase), keep_probability(quantizers, phase.keep_prob):
             if not optimisers:
                 bar.close()
@@ -377,6 +378,7 @@ class Engine:
                     for key, value in last.items():
                         hist.setdefault(key, []).append(value)
                     bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
+        loop_seconds = time.perf_counter() - loop_start
         for q in quantizers:
             for step in q.step_parameters():
                 step.requires_grad_(False)
@@ -392,8 +394,9 @@ class Engine:
         log.info("%s %-24s rec %.5g -> final %.5g (%d it, %.1f s, %.2f ms/it)", phase.name, unit.name,
                  hist["rec"][0] if hist["rec"] else float("nan"), final, phase.iters, seconds,
                  1000 * seconds / max(phase.iters, 1))
+        # loop_seconds: the iterations alone, without the method's set-up (DC), range init and the final error
         record = {"name": unit.name, "iterations": phase.iters, "final_rec_loss": final, "seconds": round(seconds, 3),
-                  "history": hist}
+                  "loop_seconds": round(loop_seconds, 3), "history": hist}
         if own is not None:
             record["final_rec_loss_method_target"] = own
         return record

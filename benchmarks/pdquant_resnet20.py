@@ -6,6 +6,8 @@ over three seeds, its ablations (prediction difference only, distribution correc
     python benchmarks/pdquant_resnet20.py                 # the protocol (many hours of CPU)
     python benchmarks/pdquant_resnet20.py --smoke         # 20 iterations, 128 calibration images, 20 DC steps,
                                                           # 500 test images, the first seed, single-threaded
+    python benchmarks/pdquant_resnet20.py --cost          # the cost rows: QDrop, PD-Quant, ablations one after
+                                                          # another, 200 it, 256 images (same machine load)
 
 Runs go through reconstruction_resnet20.run_one (each its own ptq_main.py process; a run folder holding a
 results.json is reused), into the same folder as that benchmark by default, so its QDrop runs are not repeated.
@@ -34,6 +36,9 @@ for _name in VARIANTS:
     rr.CONFIGS.setdefault(_name, CONFIG)
 SMOKE = ["algorithm.iters=20", "data.calibration.num_images=128", "data.evaluation.limit=500"]
 SMOKE_DC = ["algorithm.dc_steps=20"]
+# Cost rows: per-iteration time and memory do not depend on the iteration count, and DC's seconds scale with
+# the image count (500 steps per 32 images either way).
+COST = ["algorithm.iters=200", "data.calibration.num_images=256", "data.evaluation.limit=500"]
 
 
 def dc_seconds(run_dir: str) -> float | None:
@@ -46,11 +51,18 @@ def dc_seconds(run_dir: str) -> float | None:
     return sum(map(float, found)) if found else None
 
 
-def mean_cost(runs: list[dict]) -> tuple[float, float]:
-    """Mean ms per iteration (DC included) and mean peak RSS MB."""
-    ms = [1000 * r["seconds"]["quantize"] / sum(u["iterations"] for u in r["algorithm_results"]["units"])
-          for r in runs]
-    return statistics.mean(ms), statistics.mean(r["memory"]["host_peak_rss_mb"] for r in runs)
+def cost(r: dict, run_dir: str) -> tuple[float, float, float]:
+    """(ms per iteration, DC seconds, peak RSS MB) of one run. Per iteration: the engine's loop time alone where
+    recorded (older runs: unit seconds less DC, which includes range init and the final error). Unit records, not
+    the quantize phase's time, so that a resumed run (whose quantize time is its last process's) counts whole."""
+    units = r["algorithm_results"]["units"]
+    dc = dc_seconds(run_dir) or 0.0
+    if all("loop_seconds" in u for u in units):
+        spent = sum(u["loop_seconds"] for u in units)
+    else:
+        spent = sum(u["seconds"] for u in units) - dc
+    ms = 1000 * spent / sum(u["iterations"] for u in units)
+    return ms, dc, r["memory"]["host_peak_rss_mb"]
 
 
 def _ratio(value: float, base: float | None) -> str:
@@ -58,22 +70,42 @@ def _ratio(value: float, base: float | None) -> str:
 
 
 def summary(done: list[tuple[tuple, dict]], run_dirs: dict) -> str:
-    lines = ["| method | bits | runs | top-1 % (mean ± std) | ms / iteration | × QDrop | DC s | peak RSS MB | "
-             "× QDrop |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | runs | top-1 % (mean ± std) | FP32 | ms / iteration | × QDrop | "
+             "DC s | peak RSS MB | × QDrop |", "|---|---|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple[str, str], list] = {}
     for (method, bits, seed), r in done:
-        cells.setdefault((method, bits), []).append((r, run_dirs[(method, bits, seed)]))
+        cells.setdefault((method, bits), []).append(cost(r, run_dirs[(method, bits, seed)]) + (r,))
     for (method, bits), runs in cells.items():
-        top1 = [r["quant"]["top1"] for r, _ in runs]
+        top1 = [r["quant"]["top1"] for *_, r in runs]
         std = f" ± {statistics.stdev(top1):.2f}" if len(top1) > 1 else ""
-        ms, rss = mean_cost([r for r, _ in runs])
+        ms, dc, rss = (statistics.mean(c[i] for c in runs) for i in range(3))
         base = cells.get(("qdrop", bits))
-        q_ms, q_rss = mean_cost([r for r, _ in base]) if base else (None, None)
-        dc = [s for _, d in runs if (s := dc_seconds(d)) is not None]
-        lines.append(f"| {method} | {bits} | {len(runs)} | {statistics.mean(top1):.2f}{std} | {ms:.1f} | "
-                     f"{_ratio(ms, q_ms)} | {statistics.mean(dc) if dc else 0:.0f} | {rss:.0f} | "
-                     f"{_ratio(rss, q_rss)} |")
+        q_ms, _, q_rss = (statistics.mean(c[i] for c in base) for i in range(3)) if base else (None, None, None)
+        fp32 = "/".join(sorted({f"{r['fp32']['top1']:.2f}" for *_, r in runs}))
+        lines.append(f"| {method} | {bits} | {len(runs)} | {statistics.mean(top1):.2f}{std} | {fp32} | {ms:.1f} | "
+                     f"{_ratio(ms, q_ms)} | {dc:.0f} | {rss:.0f} | {_ratio(rss, q_rss)} |")
     return "\n".join(lines)
+
+
+def unit_losses(done: list[tuple[tuple, dict]], seed: int) -> str:
+    """Final error of each unit's output against the FP network's (the engine's final_rec_loss, the same measure
+    for every row), one column per method, for `seed`; PD-Quant rows with DC also against their own target."""
+    out = []
+    for bits in dict.fromkeys(c[1] for c, _ in done):
+        runs = [(c[0], r) for c, r in done if c[1] == bits and c[2] == seed]
+        if len(runs) < 2:
+            continue
+        cols, names = [], [u["name"] for u in runs[0][1]["algorithm_results"]["units"]]
+        for method, r in runs:
+            units = r["algorithm_results"]["units"]
+            cols.append((method, [u["final_rec_loss"] for u in units]))
+            if any("final_rec_loss_method_target" in u for u in units):
+                cols.append((f"{method} (vs DC target)", [u.get("final_rec_loss_method_target", u["final_rec_loss"])
+                                                          for u in units]))
+        out.append(f"### {bits}, seed {seed}\n\n| unit | " + " | ".join(m for m, _ in cols) + " |\n|---|"
+                   + "---|" * len(cols) + "\n" + "\n".join(f"| {name} | " + " | ".join(f"{v[k]:.4g}" for _, v in cols)
+                                                     + " |" for k, name in enumerate(names)))
+    return "\n\n".join(out)
 
 
 def main() -> int:
@@ -85,43 +117,71 @@ def main() -> int:
     parser.add_argument("--ablation-seeds", nargs="+", type=int, default=[1005])
     parser.add_argument("--smoke", action="store_true", help="20 iterations, 128 calibration images, 20 DC steps, "
                                                              "500 test images, the first seed, single-threaded")
-    parser.add_argument("--out", help="run folders (default benchmarks/runs/resnet20, smoke: .../pdquant_smoke)")
+    parser.add_argument("--cost", action="store_true",
+                        help="the cost rows only: QDrop, PD-Quant and its ablations one after another in one "
+                             "invocation, single-threaded, at the first bit-width and seed, with "
+                             + ", ".join(COST) + " (the protocol's runs span sessions and machine loads, so "
+                             "their timings do not compare)")
+    parser.add_argument("--out", help="run folders (default benchmarks/runs/resnet20; smoke: .../pdquant_smoke; "
+                                      "cost: .../pdquant_cost)")
     parser.add_argument("--results", help="Markdown summary (default benchmarks/results/pdquant_resnet20.md; "
-                                          "smoke: inside --out)")
+                                          "smoke: inside --out; cost: benchmarks/results/pdquant_cost.md)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     args = parser.parse_args()
-    seeds = args.seeds[:1] if args.smoke else args.seeds
-    ablation_seeds = seeds[:1] if args.smoke else args.ablation_seeds
-    out_root = os.path.join(REPO, args.out or ("benchmarks/runs/pdquant_smoke" if args.smoke
-                                               else "benchmarks/runs/resnet20"))
-    results_md = os.path.join(REPO, args.results or (os.path.join(out_root, "results.md") if args.smoke
-                                                     else "benchmarks/results/pdquant_resnet20.md"))
+    short = args.smoke or args.cost
+    seeds = args.seeds[:1] if short else args.seeds
+    bits_list = args.bits[:1] if args.cost else args.bits
+    ablation_seeds = seeds[:1] if short else args.ablation_seeds
+    mode = "smoke" if args.smoke else "cost" if args.cost else None
+    out_root = os.path.join(REPO, args.out or (f"benchmarks/runs/pdquant_{mode}" if mode else "benchmarks/runs/resnet20"))
+    default_md = ("benchmarks/results/pdquant_cost.md" if args.cost else os.path.join(out_root, "results.md")
+                  if args.smoke else "benchmarks/results/pdquant_resnet20.md")
+    results_md = os.path.join(REPO, args.results or default_md)
     os.makedirs(out_root, exist_ok=True)
-    threads = 1 if args.jobs > 1 or args.smoke else 0
-    cells = [(m, b, s) for b in args.bits for m in args.methods for s in seeds]
-    cells += [(m, b, s) for b in args.bits for m in args.ablations for s in ablation_seeds]
+    jobs = 1 if args.cost else args.jobs
+    threads = 1 if jobs > 1 or short else 0
+    cells = [(m, b, s) for b in bits_list for m in args.methods for s in seeds]
+    cells += [(m, b, s) for b in bits_list for m in args.ablations for s in ablation_seeds]
+    overrides = SMOKE if args.smoke else COST if args.cost else []
 
     def launch(cell):
         method = cell[0]
-        extra = (SMOKE if args.smoke else []) + VARIANTS.get(method, [])
+        extra = overrides + VARIANTS.get(method, [])
         if args.smoke and method in VARIANTS:
             extra = extra + SMOKE_DC
         return rr.run_one(*cell, out_root, extra + args.extra, threads)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(launch, cells))
     done = [(c, r) for c, r in zip(cells, results) if r is not None]
-    run_dirs = {c: os.path.join(out_root, f"{c[0]}_{c[1].lower()}_s{c[2]}") for c, _ in done}
+    run_dirs = {c: rr.run_folder(*c, out_root) for c, _ in done}
 
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    smoke = f"; smoke overrides: {', '.join(SMOKE)} (PD-Quant rows also {', '.join(SMOKE_DC)})" if args.smoke else ""
+    how = {"smoke": f"; smoke overrides: {', '.join(SMOKE)} (PD-Quant rows also {', '.join(SMOKE_DC)})",
+           "cost": f"; cost overrides: {', '.join(COST)}; runs one after another, one thread each"}.get(mode, "")
     text = (f"# ResNet-20 (CIFAR-10, shared assets): PD-Quant beside QDrop\n\nMade by `{command}` on "
-            f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores){smoke}. pdquant_pd_only = "
-            "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration = quantize seconds (DC "
-            "included) / iterations; DC s = distribution-correction seconds per run.\n\n"
+            f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores){how}. pdquant_pd_only = "
+            "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration: the engine's iteration loops "
+            "alone (loop_seconds; runs without it: unit seconds less DC) over the iterations; DC s = "
+            "distribution-correction seconds per run (from its log).\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
+    if not args.cost and done:
+        from tools.compare import compare
+        from tools.plot_unit_losses import plot
+        report_dir = out_root if args.smoke else os.path.join(os.path.dirname(results_md), "pdquant_resnet20")
+        compare([run_dirs[c] for c, _ in done], report_dir)
+        with open(os.path.join(report_dir, "table.md")) as f:
+            text += f"\n## Mean ± std over seeds (tools.compare)\n\n{f.read()}\n"
+        plots = []
+        for bits in bits_list:
+            loss_runs = [run_dirs[c] for c, _ in done if c[1] == bits and c[2] == seeds[0]]
+            if len(loss_runs) > 1:
+                plots.append(plot(loss_runs, os.path.join(report_dir, f"unit_losses_{bits.lower()}.png")))
+        text += (f"\n## Final error of each unit's output against the FP network's, seed {seeds[0]}\n\n"
+                 + unit_losses(done, seeds[0]) + "\n\nPlots (tools.plot_unit_losses): "
+                 + ", ".join(os.path.relpath(p, os.path.dirname(results_md)) for p in plots) + "\n")
     rr.write_results(results_md, text)
     print(text)
     failed = len(cells) - len(done)
