@@ -131,8 +131,9 @@ def rounding_regulariser(unit: Unit, beta: float) -> torch.Tensor:
 
 
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    err = (out - target).abs()
-    err = err.pow(2) if p == 2.0 else err.pow(p)
+    diff = out - target
+    # p = 2 without abs: the same values and gradients bit for bit, three fewer passes over the tensor backward
+    err = diff.square() if p == 2.0 else diff.abs().pow(p)
     return err.sum(1).mean()
 
 

@@ -33,10 +33,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 
 from algorithms.engine import Hooks, UnitCache, reconstruction_loss
-from algorithms.graph import suffix_module
+from algorithms.graph import prefix_module, suffix_module
 from algorithms.qdrop import QDrop
 from algorithms.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
 from algorithms.registry import register
@@ -94,10 +95,11 @@ def sample_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _SampleStats.apply(flat)
 
 
-def bn_distance(seen: dict, bns: list[nn.BatchNorm2d]) -> torch.Tensor:
+def bn_distance(inputs: list[torch.Tensor], bns: list[nn.BatchNorm2d]) -> torch.Tensor:
+    """Σ over `bns` of the per-sample BN-statistics distance of their `inputs`, over the sample count."""
     total = 0.0
-    for bn in bns:
-        flat = seen[bn].flatten(2)
+    for x, bn in zip(inputs, bns):
+        flat = x.flatten(2)
         mean, var = sample_stats(flat)
         std = (var + BN_EPS).sqrt()
         total = total + ((mean - bn.running_mean).pow(2).sum()
@@ -105,11 +107,28 @@ def bn_distance(seen: dict, bns: list[nn.BatchNorm2d]) -> torch.Tensor:
     return total
 
 
-def correct_inputs(module: nn.Module, bns: list[nn.BatchNorm2d], fp_in: torch.Tensor, params, device,
+def bn_probe(module: fx.GraphModule, bns: list[nn.BatchNorm2d]):
+    """A function x -> [input of each BN in `bns`] that computes only what those inputs need (not the last BN,
+    the residual add or what follows); by forward hooks on the whole unit where a BN is not a node of its graph."""
+    nodes = {n.target: n for n in module.graph.nodes if n.op == "call_module"}
+    names = {m: name for name, m in module.named_modules()}
+    if all(names.get(bn) in nodes for bn in bns):
+        probe = prefix_module(module, [nodes[names[bn]].args[0] for bn in bns])
+        return lambda x: list(probe(x))
+
+    def hooked(x):
+        with bn_inputs(bns) as seen:
+            module(x)
+        return [seen[bn] for bn in bns]
+    return hooked
+
+
+def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: torch.Tensor, params, device,
                    store_device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """x̂ and FP_unit(x̂) over all of `fp_in`, and the BN distance (mean over chunks) before and after."""
     corrected, outputs, before, after = [], [], 0.0, 0.0
-    with fp_mode(module), bn_inputs(bns) as seen:
+    probe = bn_probe(module, bns)
+    with fp_mode(module):
         for start in range(0, len(fp_in), params.dc_batch):
             x = fp_in[start:start + params.dc_batch].to(device, torch.float32)
             x_hat = x.clone().requires_grad_(True)
@@ -118,21 +137,18 @@ def correct_inputs(module: nn.Module, bns: list[nn.BatchNorm2d], fp_in: torch.Te
             opt = torch.optim.Adam([x_hat], lr=params.bn_lr, fused=True)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=DC_PATIENCE, min_lr=DC_MIN_LR)
             with torch.no_grad():
-                module(x)
-                before += bn_distance(seen, bns).item()
+                before += bn_distance(probe(x), bns).item()
             with torch.enable_grad():
                 for _ in range(params.dc_steps):
-                    module(x_hat)
-                    loss = bn_distance(seen, bns) + reconstruction_loss(x_hat, x, 2.0) / params.lamb_c
+                    loss = bn_distance(probe(x_hat), bns) + reconstruction_loss(x_hat, x, 2.0) / params.lamb_c
                     opt.zero_grad(set_to_none=True)
                     loss.backward(inputs=[x_hat])          # the unit's own weights need no gradient
                     opt.step()
                     plateau.step(loss.item())
             with torch.no_grad():
                 outputs.append(module(x_hat).to(store_device, dtype))
-                after += bn_distance(seen, bns).item()
+                after += bn_distance(probe(x_hat), bns).item()
             corrected.append(x_hat.detach().to(store_device, dtype))
-            seen.clear()
     chunks = len(corrected)
     return torch.cat(corrected), torch.cat(outputs), before / chunks, after / chunks
 

@@ -10,7 +10,8 @@ import torch
 from algorithms.base import RunContext
 from algorithms.engine import Engine, EngineSettings, Hooks, UnitCache, phase_state, reconstruction_loss
 from algorithms.graph import prefix_module, unit_module
-from algorithms.pdquant import bn_distance, bn_inputs, correct_inputs, prediction_difference, sample_stats
+from algorithms.pdquant import (bn_distance, bn_inputs, bn_probe, correct_inputs, prediction_difference,
+                               sample_stats)
 from algorithms.quantizers import fake_quantizers, fp_mode
 from algorithms.registry import get_algorithm
 from conftest import ASSETS, REPO, base_tree
@@ -96,13 +97,31 @@ def test_distribution_correction_lowers_the_bn_statistics_distance(resnet20, cif
     x_hat, fp_out, before, after = correct_inputs(module, bns, fp_in, method.params, CPU, CPU, torch.float32)
     with torch.no_grad(), fp_mode(qmodel), bn_inputs(bns) as seen:
         module(fp_in)
-        measured_before = bn_distance(seen, bns).item()
+        measured_before = bn_distance([seen[bn] for bn in bns], bns).item()
         assert torch.allclose(module(x_hat), fp_out)       # the new target is FP_unit(x̂)
-        measured_after = bn_distance(seen, bns).item()
+        measured_after = bn_distance([seen[bn] for bn in bns], bns).item()
     assert measured_before == pytest.approx(before, rel=1e-5) and measured_after == pytest.approx(after, rel=1e-5)
     assert measured_after < 0.85 * measured_before, (measured_before, measured_after)
     # The constraint keeps x̂ near x: far less moved than the input's own energy.
     assert reconstruction_loss(x_hat, fp_in, 2.0) < 0.05 * fp_in.pow(2).sum(1).mean()
+
+
+def test_the_bn_probe_gives_the_bn_inputs_without_running_the_rest_of_the_unit(resnet20, cifar_calib):
+    images = cifar_calib[:8]
+    _, _, qmodel, units, _ = _setup(resnet20, images, dc_steps=1)
+    for unit in (units[1], units[4]):                      # layer1.0, and layer2.0 (strided, padded shortcut)
+        module = unit_module(qmodel, unit)
+        bns = [m for m in unit.modules.values() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad(), fp_mode(qmodel):
+            (x,) = prefix_module(qmodel, [unit.input])(images)
+            with bn_inputs(bns) as seen:
+                module(x)
+            calls = []
+            handle = bns[-1].register_forward_hook(lambda *_: calls.append(1))
+            probed = bn_probe(module, bns)(x)
+            handle.remove()
+        assert all(torch.equal(p, seen[bn]) for p, bn in zip(probed, bns)), unit.name
+        assert not calls, f"{unit.name}: the last BN ran"
 
 
 def test_the_engine_carries_the_uncorrected_cache_to_the_next_unit(resnet20, cifar_calib):
