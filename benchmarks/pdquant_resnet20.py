@@ -7,7 +7,7 @@ over three seeds, its ablations (prediction difference only, distribution correc
     python benchmarks/pdquant_resnet20.py --smoke         # 20 iterations, 128 calibration images, 20 DC steps,
                                                           # 500 test images, the first seed, single-threaded
     python benchmarks/pdquant_resnet20.py --cost          # the cost rows: QDrop, PD-Quant, ablations one after
-                                                          # another, 200 it, 256 images (same machine load)
+                                                          # another, 200 it, 128 images (same machine load)
 
 Runs go through reconstruction_resnet20.run_one (each its own ptq_main.py process; a run folder holding a
 results.json is reused), into the same folder as that benchmark by default, so its QDrop runs are not repeated.
@@ -38,7 +38,7 @@ SMOKE = ["algorithm.iters=20", "data.calibration.num_images=128", "data.evaluati
 SMOKE_DC = ["algorithm.dc_steps=20"]
 # Cost rows: per-iteration time and memory do not depend on the iteration count, and DC's seconds scale with
 # the image count (500 steps per 32 images either way).
-COST = ["algorithm.iters=200", "data.calibration.num_images=256", "data.evaluation.limit=500"]
+COST = ["algorithm.iters=200", "data.calibration.num_images=128", "data.evaluation.limit=500"]
 
 
 def dc_seconds(run_dir: str) -> float | None:
