@@ -51,18 +51,16 @@ def dc_seconds(run_dir: str) -> float | None:
     return sum(map(float, found)) if found else None
 
 
-def cost(r: dict, run_dir: str) -> tuple[float, float, float]:
-    """(ms per iteration, DC seconds, peak RSS MB) of one run. Per iteration: the engine's loop time alone where
-    recorded (older runs: unit seconds less DC, which includes range init and the final error). Unit records, not
-    the quantize phase's time, so that a resumed run (whose quantize time is its last process's) counts whole."""
+def cost(r: dict, run_dir: str) -> tuple[float, float, float, bool]:
+    """(ms per iteration, DC seconds, peak RSS MB, whether the loop alone was timed) of one run. Per iteration: the
+    engine's loop time where recorded (older runs: unit seconds less DC, which also holds range init and the final
+    error). Unit records, not the quantize phase's time, so that a resumed run (whose quantize time is its last
+    process's) counts whole."""
     units = r["algorithm_results"]["units"]
     dc = dc_seconds(run_dir) or 0.0
-    if all("loop_seconds" in u for u in units):
-        spent = sum(u["loop_seconds"] for u in units)
-    else:
-        spent = sum(u["seconds"] for u in units) - dc
-    ms = 1000 * spent / sum(u["iterations"] for u in units)
-    return ms, dc, r["memory"]["host_peak_rss_mb"]
+    loop_only = all("loop_seconds" in u for u in units)
+    spent = sum(u["loop_seconds"] for u in units) if loop_only else sum(u["seconds"] for u in units) - dc
+    return 1000 * spent / sum(u["iterations"] for u in units), dc, r["memory"]["host_peak_rss_mb"], loop_only
 
 
 def _ratio(value: float, base: float | None) -> str:
@@ -81,9 +79,12 @@ def summary(done: list[tuple[tuple, dict]], run_dirs: dict) -> str:
         ms, dc, rss = (statistics.mean(c[i] for c in runs) for i in range(3))
         base = cells.get(("qdrop", bits))
         q_ms, _, q_rss = (statistics.mean(c[i] for c in base) for i in range(3)) if base else (None, None, None)
+        # Two timing measures do not divide: a ratio only where both cells timed the loop alone.
+        same_measure = base is not None and all(c[3] for c in runs + base)
         fp32 = "/".join(sorted({f"{r['fp32']['top1']:.2f}" for *_, r in runs}))
-        lines.append(f"| {method} | {bits} | {len(runs)} | {statistics.mean(top1):.2f}{std} | {fp32} | {ms:.1f} | "
-                     f"{_ratio(ms, q_ms)} | {dc:.0f} | {rss:.0f} | {_ratio(rss, q_rss)} |")
+        lines.append(f"| {method} | {bits} | {len(runs)} | {statistics.mean(top1):.2f}{std} | {fp32} | "
+                     f"{ms:.1f}{'' if all(c[3] for c in runs) else '*'} | "
+                     f"{_ratio(ms, q_ms if same_measure else None)} | {dc:.0f} | {rss:.0f} | {_ratio(rss, q_rss)} |")
     return "\n".join(lines)
 
 
@@ -164,7 +165,9 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores){how}. pdquant_pd_only = "
             "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration: the engine's iteration loops "
             "alone (loop_seconds; runs without it: unit seconds less DC) over the iterations; DC s = "
-            "distribution-correction seconds per run (from its log).\n\n"
+            "distribution-correction seconds per run (from its log). * = timed as unit seconds less DC (runs from "
+            "before loop_seconds), not divided by loop timings. Timings of runs made in different sessions or "
+            "under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
     if not args.cost and done:

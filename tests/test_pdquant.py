@@ -124,6 +124,25 @@ def test_the_bn_probe_gives_the_bn_inputs_without_running_the_rest_of_the_unit(r
         assert not calls, f"{unit.name}: the last BN ran"
 
 
+def test_the_bn_probe_falls_back_to_hooks_when_a_bn_is_not_a_graph_node(resnet20, cifar_calib):
+    block = resnet20.layer1[0]
+
+    class BlockIsLeaf(torch.fx.Tracer):                    # a model whose tracer keeps the block opaque
+        def is_leaf_module(self, m, name):
+            return m is block or super().is_leaf_module(m, name)
+
+    wrapper = torch.nn.Sequential(block)
+    module = torch.fx.GraphModule(wrapper, BlockIsLeaf().trace(wrapper))
+    bns = [block.bn1, block.bn2]
+    with torch.no_grad():
+        x = resnet20.relu(resnet20.bn1(resnet20.conv1(cifar_calib[:8])))   # layer1.0's real input
+        probed = bn_probe(module, bns)(x)
+        with bn_inputs(bns) as seen:
+            block(x)
+    assert [p.shape for p in probed] == [(8, 16, 32, 32)] * 2
+    assert all(torch.equal(p, seen[bn]) for p, bn in zip(probed, bns))
+
+
 def test_the_engine_carries_the_uncorrected_cache_to_the_next_unit(resnet20, cifar_calib):
     images = cifar_calib[:32]
     method, ctx, qmodel, units, phase = _setup(resnet20, images, iters=2, pd=False, dc_steps=5)
