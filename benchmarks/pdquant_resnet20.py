@@ -8,6 +8,7 @@ over three seeds, its ablations (prediction difference only, distribution correc
                                                           # 500 test images, the first seed, single-threaded
     python benchmarks/pdquant_resnet20.py --cost          # the cost rows: QDrop, PD-Quant, ablations one after
                                                           # another, 200 it, 128 images (same machine load)
+    python benchmarks/pdquant_resnet20.py --table-only    # tabulate the finished runs of the protocol, start none
 
 Runs go through reconstruction_resnet20.run_one (each its own ptq_main.py process; a run folder holding a
 results.json is reused), into the same folder as that benchmark by default, so its QDrop runs are not repeated.
@@ -129,6 +130,8 @@ def main() -> int:
                                           "smoke: inside --out; cost: benchmarks/results/pdquant_cost.md)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    parser.add_argument("--table-only", action="store_true",
+                        help="tabulate the finished runs, start none (cells not finished are listed as missing)")
     args = parser.parse_args()
     short = args.smoke or args.cost
     seeds = args.seeds[:1] if short else args.seeds
@@ -153,8 +156,11 @@ def main() -> int:
             extra = extra + SMOKE_DC
         return rr.run_one(*cell, out_root, extra + args.extra, threads)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(launch, cells))
+    if args.table_only:
+        results = [rr.finished(*c, out_root) for c in cells]
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(launch, cells))
     done = [(c, r) for c, r in zip(cells, results) if r is not None]
     run_dirs = {c: rr.run_folder(*c, out_root) for c, _ in done}
 
@@ -170,6 +176,9 @@ def main() -> int:
             "under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
+    missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]
+    if missing:
+        text += "\nNot finished: " + ", ".join(missing) + ".\n"
     if not args.cost and done:
         from tools.compare import compare
         from tools.plot_unit_losses import plot
@@ -188,7 +197,7 @@ def main() -> int:
     rr.write_results(results_md, text)
     print(text)
     failed = len(cells) - len(done)
-    if failed:
+    if failed and not args.table_only:
         print(f"{failed} run(s) failed: see the .log files in {out_root}")
     return 1 if failed else 0
 

@@ -315,6 +315,13 @@ def setting_notes(table: Table) -> list[str]:
     return notes
 
 
+def _shown(path: str) -> str:
+    """A run folder as the table names it: relative to the working directory when inside it, so that a committed
+    table does not carry the machine's absolute paths."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def to_markdown(table: Table) -> str:
     head = ["model × bits", "FP32 top-1"] + table.columns
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -327,7 +334,7 @@ def to_markdown(table: Table) -> str:
     if table.mixed:
         lines += ["", "**Mixed settings** (tabulated with --allow-mixed; rows are not directly comparable):", ""]
         lines += [f"- {note}" for note in setting_notes(table)]
-    lines += ["", "Runs:", ""] + [f"- `{run.path}`: {run.model} {run.bits} {run.algorithm}, top-1 "
+    lines += ["", "Runs:", ""] + [f"- `{_shown(run.path)}`: {run.model} {run.bits} {run.algorithm}, top-1 "
                                   f"{run.quant_top1:.2f}" for run in table.runs]
     return "\n".join(lines) + "\n"
 
