@@ -83,7 +83,8 @@ def main() -> int:
     for bits in args.bits:
         loss_runs = [run_dir[c] for c, _ in done if c[1] == bits and c[2] == seeds[0]]
         if len(loss_runs) > 1:
-            plots.append(plot(loss_runs, os.path.join(report_dir, f"unit_losses_{bits.lower()}.png")))
+            plots.append(plot(loss_runs, os.path.join(report_dir, f"unit_losses_{bits.lower()}.png"),
+                              title="Final reconstruction loss per unit: oscillation with and without merging"))
 
     groups = list(dict.fromkeys(g for (m, b, _), r in done if (g := groups_line(m, b, r))))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])

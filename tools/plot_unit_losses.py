@@ -42,7 +42,10 @@ def _label(run: Run, points) -> str:
     return f"{run.name} ({run.algorithm} {run.bits}" + (f"; merged {', '.join(merged)})" if merged else ")")
 
 
-def plot(run_paths, out: str, phase: str | None = None) -> str:
+TITLE = "Final error of each unit's output against the FP network's"
+
+
+def plot(run_paths, out: str, phase: str | None = None, title: str = TITLE) -> str:
     runs = [load_run(p) for p in find_runs(run_paths)]
     runs = [r for r in runs if r.units]
     if not runs:
@@ -68,9 +71,11 @@ def plot(run_paths, out: str, phase: str | None = None) -> str:
     ax.set_yscale("log" if positive else "linear")
     ax.set_xticks(range(len(names)), [f"{i} {n}" for i, n in enumerate(names)], rotation=60, ha="right",
                   fontsize=7)
-    ax.set_xlabel("unit index (a merged group is drawn at its last unit, a bar spans its units)")
+    merged = any(len(m) > 1 for _, _, pts in series for m, _ in pts)
+    ax.set_xlabel("unit index" + (" (a merged group is drawn at its last unit, a bar spans its units)" if merged
+                                  else ""))
     ax.set_ylabel("final reconstruction loss" + (" (log scale)" if positive else ""))
-    ax.set_title("Final reconstruction loss per unit: oscillation with and without merging")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -86,12 +91,13 @@ def parse_args(argv=None):
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--phase", help="phase to plot for multi-phase methods (default: the last one)")
+    parser.add_argument("--title", default=TITLE)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print("wrote " + plot(args.runs, args.out, args.phase))
+    print("wrote " + plot(args.runs, args.out, args.phase, args.title))
     return 0
 
 
