@@ -172,7 +172,8 @@ def main() -> int:
             "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration: the engine's iteration loops "
             "alone (loop_seconds; runs without it: unit seconds less DC) over the iterations; DC s = "
             "distribution-correction seconds per run (from its log). * = timed as unit seconds less DC (runs from "
-            "before loop_seconds), not divided by loop timings. Timings of runs made in different sessions or "
+            "before loop_seconds), not divided by loop timings. Under Runs, ms / iteration is the units' whole time (DC, range "
+            "init and final error included) over the iterations. Timings of runs made in different sessions or "
             "under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")

@@ -382,7 +382,9 @@ def plot_accuracy(table: Table, path: str) -> None:
             errs.append(cell.std or 0.0)
         bars = ax.bar(xs, means, width * 0.92, yerr=errs if any(errs) else None, capsize=3, label=column,
                       color=colors(j % 10))
-        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=2)
+        for text in ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=2, zorder=4):
+            # a bar close to FP32 puts its label on the dashed line: keep it readable
+            text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.6, alpha=0.85))
     fp32_values = sorted({round(table.fp32[r], 2) for r in table.rows})
     fp32_label = f"FP32 ({fp32_values[0]:.2f} %)" if len(fp32_values) == 1 else "FP32 (per row)"
     for i, row in enumerate(table.rows):
