@@ -172,8 +172,8 @@ def main() -> int:
             "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration: the engine's iteration loops "
             "alone (loop_seconds; runs without it: unit seconds less DC) over the iterations; DC s = "
             "distribution-correction seconds per run (from its log). * = timed as unit seconds less DC (runs from "
-            "before loop_seconds), not divided by loop timings. Under Runs, ms / iteration is the units' whole time (DC, range "
-            "init and final error included) over the iterations. Timings of runs made in different sessions or "
+            "before loop_seconds), not divided by loop timings. Under Runs, ms / iteration is the units' whole time "
+            "(DC, range init and final error included) over the iterations. Timings of runs made in different sessions or "
             "under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
@@ -197,8 +197,8 @@ def main() -> int:
                  + ", ".join(os.path.relpath(p, os.path.dirname(results_md)) for p in plots) + "\n")
     rr.write_results(results_md, text)
     print(text)
-    failed = len(cells) - len(done)
-    if failed and not args.table_only:
+    failed = 0 if args.table_only else len(cells) - len(done)   # --table-only lists unfinished runs, none failed
+    if failed:
         print(f"{failed} run(s) failed: see the .log files in {out_root}")
     return 1 if failed else 0
 
