@@ -138,7 +138,8 @@ def main() -> int:
     bits_list = args.bits[:1] if args.cost else args.bits
     ablation_seeds = seeds[:1] if short else args.ablation_seeds
     mode = "smoke" if args.smoke else "cost" if args.cost else None
-    out_root = os.path.join(REPO, args.out or (f"benchmarks/runs/pdquant_{mode}" if mode else "benchmarks/runs/resnet20"))
+    default_out = f"benchmarks/runs/pdquant_{mode}" if mode else "benchmarks/runs/resnet20"
+    out_root = os.path.join(REPO, args.out or default_out)
     default_md = ("benchmarks/results/pdquant_cost.md" if args.cost else os.path.join(out_root, "results.md")
                   if args.smoke else "benchmarks/results/pdquant_resnet20.md")
     results_md = os.path.join(REPO, args.results or default_md)
@@ -173,8 +174,8 @@ def main() -> int:
             "alone (loop_seconds; runs without it: unit seconds less DC) over the iterations; DC s = "
             "distribution-correction seconds per run (from its log). * = timed as unit seconds less DC (runs from "
             "before loop_seconds), not divided by loop timings. Under Runs, ms / iteration is the units' whole time "
-            "(DC, range init and final error included) over the iterations. Timings of runs made in different sessions or "
-            "under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
+            "(DC, range init and final error included) over the iterations. Timings of runs made in different "
+            "sessions or under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
     missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]
