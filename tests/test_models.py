@@ -13,11 +13,15 @@ def test_resnet20_fp32_is_8103_on_all_test_images(resnet20, cifar_test_set):
     assert round(top1(resnet20, images, labels), 2) == 81.03
 
 
-def test_resnet56_fp32_is_8320_on_all_test_images(cifar_test_set):
-    model = build_model("cifar_resnet56")
-    load_checkpoint(model, cifar_checkpoint(56))
+@pytest.mark.parametrize("depth, readme_top1", [(32, 82.56), (44, 82.67), (56, 83.20)])
+def test_deeper_resnets_are_as_accurate_as_the_assets_readme_on_a_fifth_of_the_test_images(
+        depth, readme_top1, cifar_test_set):
+    # Every fifth image is 200 per class (2,000): a wrong load or preprocessing lands far below; the full-set figure,
+    # which matches the README exactly, is measured by benchmarks/zoo_fp32.py (a minute per model here).
+    model = build_model(f"cifar_resnet{depth}")
+    load_checkpoint(model, cifar_checkpoint(depth))
     images, labels = cifar_test_set
-    assert round(top1(model, images, labels), 2) == 83.20
+    assert abs(top1(model, images[::5], labels[::5]) - readme_top1) < 2.0
 
 
 def test_resnet56_checkpoint_into_resnet20_fails_in_one_line():
