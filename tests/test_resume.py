@@ -32,8 +32,11 @@ def _env():
 
 def _start_and_stop_mid_unit(tmp_path, name: str, sig: int, units_before: int = 3):
     """Start a run, wait until `units_before` units are saved and the next one is under way, send `sig`."""
+    # A shell that starts pytest in the background (`cmd &` without job control) leaves SIGINT ignored, and an
+    # ignored signal stays ignored across exec: give the run the default disposition an interactive Ctrl-C meets.
     proc = subprocess.Popen(_cmd("--config", _config(tmp_path, name)), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = tmp_path / name
     progress = run_dir / "progress.pt"
     deadline = time.time() + 300
