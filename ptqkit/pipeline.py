@@ -131,16 +131,32 @@ def check_multi_process(cfg: Config, algorithm_cls) -> None:
                           "processes)", cfg.quant.a.observer)
 
 
+@contextmanager
+def torch_threads(n: int | None):
+    """Inside: torch's intra-op thread count is `n` (None or 0: unchanged). Restored on exit, so that a run started
+    from Python (tools.sweep, a notebook, the tests) leaves its caller's setting as it found it."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True,
         resume: dict | None = None) -> dict:
     """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.resume.read_progress)."""
+    with torch_threads(cfg.runtime.threads):
+        return _run(cfg, run_dir, dry_run=dry_run, show_progress=show_progress, resume=resume)
+
+
+def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resume: dict | None) -> dict:
     import data
     from algorithms.base import RunContext
     from algorithms.registry import get_algorithm
 
     from ptqkit import distributed
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
     seed_everything(cfg.runtime.seed)
     device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
     timer = PhaseTimer()

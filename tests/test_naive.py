@@ -55,8 +55,15 @@ def test_pipeline_writes_results_and_never_overwrites_a_run(tmp_path):
     out = tmp_path / "run"
     args = ["--config", "configs/cifar10/resnet20_w8a8_naive.yaml", "--quiet",
             "--set", f"runtime.output_dir={out}", "--set", "data.evaluation.limit=300",
-            "--set", "data.calibration.num_images=64", "--set", "data.evaluation.workers=0"]
-    assert ptq_main.main(args) == 0
+            "--set", "data.calibration.num_images=64", "--set", "data.evaluation.workers=0",
+            "--set", "runtime.threads=1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert ptq_main.main(args) == 0
+        assert torch.get_num_threads() == 2          # the run's one thread does not leak into its caller
+    finally:
+        torch.set_num_threads(threads)
     first = json.loads((out / "results.json").read_text())
     assert first["evaluation_images"] == 300 and first["calibration_images"] == 64
     assert set(first["fp32"]) == {"top1", "top5", "images"} and first["fp32"]["images"] == 300
