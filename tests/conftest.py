@@ -53,6 +53,15 @@ def small_run_config(tmp_path, name: str, algorithm: dict, observer: str, images
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_are_left_as_found():
+    """Code run in-process (pipeline, export) must restore torch's thread count: a leaked 1 once ran every later
+    test on one thread."""
+    before = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == before, f"torch's thread count left at {torch.get_num_threads()}, was {before}"
+
+
 @pytest.fixture(scope="session")
 def cifar_test_set():
     """All 10,000 shared CIFAR-10 test images, decoded once: (images, labels)."""

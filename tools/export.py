@@ -320,17 +320,22 @@ def _tensorrt_export(qmodel, cfg, example, out_dir: str, name: str) -> list[str]
 def export_run(run_dir: str, *, backend: str = "academic", images: int = 1000, out_dir: str | None = None,
                threads: int = 0, batch_size: int = 250) -> dict:
     """Export RUN_DIR/quantized_model.pt, check it with onnxruntime, write export_check.json; the check's dict."""
-    from mqbench.prepare_by_platform import BackendType
-    from ptqkit.saving import load_quantized
     check_backend(backend)
     if images < 1:
         raise UserError(f"--images: expected a positive number, got {images}")
     model_path = os.path.join(run_dir, "quantized_model.pt")
     if not os.path.isfile(model_path):
         raise UserError(f"run '{run_dir}': no quantized_model.pt (was runtime.save_model false?)")
-    if threads:
-        torch.set_num_threads(threads)
-    out_dir = out_dir or os.path.join(run_dir, "export")
+    from ptqkit.pipeline import torch_threads
+    with torch_threads(threads):
+        return _export_run(run_dir, model_path, backend, images, out_dir or os.path.join(run_dir, "export"),
+                           threads, batch_size)
+
+
+def _export_run(run_dir: str, model_path: str, backend: str, images: int, out_dir: str, threads: int,
+                batch_size: int) -> dict:
+    from mqbench.prepare_by_platform import BackendType
+    from ptqkit.saving import load_quantized
     qmodel, cfg = load_quantized(model_path)
     bits = f"W{cfg.quant.w.bits}A{cfg.quant.a.bits}"
     name = f"{cfg.model.name}_{bits}"
