@@ -17,7 +17,7 @@ def test_resnet20_fp32_is_8103_on_all_test_images(resnet20, cifar_test_set):
 def test_deeper_resnets_are_as_accurate_as_the_assets_readme_on_a_fifth_of_the_test_images(
         depth, readme_top1, cifar_test_set):
     # Every fifth image is 200 per class (2,000): a wrong load or preprocessing lands far below; the full-set figure,
-    # which matches the README exactly, is measured by benchmarks/zoo_fp32.py (a minute per model here).
+    # which matches the README exactly, is measured by benchmarks/zoo_fp32.py (40 s for ResNet-56 on 2 cores).
     model = build_model(f"cifar_resnet{depth}")
     load_checkpoint(model, cifar_checkpoint(depth))
     images, labels = cifar_test_set
