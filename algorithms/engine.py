@@ -42,10 +42,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from algorithms.graph import prefix_module, unit_module
-from algorithms.quantizers import ActQuantizer, act_quantizers, keep_probability, quant_state
+from algorithms.quantizers import ActQuantizer, LearnedRounding, act_quantizers, keep_probability, quant_state
 from algorithms.units import Unit
 from ptqkit import distributed, heap
 from ptqkit.errors import NumericalError, UserError
+from ptqkit.quant import kernels
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class EngineSettings:
     show_progress: bool = True
     retain_cpu_heap: bool = True      # ptqkit.heap: reuse freed CPU memory instead of page-faulting it back
 
+    @property
+    def eval_batch(self) -> int:
+        """Images per forward pass where nothing learns (caching, range init, unit errors)."""
+        return max(self.batch_size, 64)
+
 
 @dataclass
 class UnitCache:
@@ -86,8 +92,30 @@ class UnitCache:
     fp_in: torch.Tensor               # input from the full-precision model
     fp_out: torch.Tensor              # full-precision target
 
-    def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(t[idx].to(device, torch.float32, non_blocking=True) for t in (self.q_in, self.fp_in, self.fp_out))
+
+class Batch:
+    """One iteration's images: `idx` into the unit's cache, the unit input as the phase mixes it (`q_in`), the FP
+    target; the unmixed inputs are gathered only if a method asks for them."""
+
+    def __init__(self, cache: UnitCache, idx: torch.Tensor, phase: "Phase", device):
+        self.cache, self.idx, self.device = cache, idx, device
+        if phase.input_prob < 1.0 and cache.q_in is not cache.fp_in:
+            self.q_in = kernels.mix_rows(cache.q_in, cache.fp_in, idx, phase.input_prob, device)
+        else:
+            self.q_in = self._gather(cache.q_in)
+        self.target = self._gather(cache.fp_out)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.idx].to(self.device, torch.float32, non_blocking=True)
+
+    @property
+    def fp_in(self) -> torch.Tensor:
+        return self._gather(self.cache.fp_in)
+
+    @property
+    def quantized_in(self) -> torch.Tensor:
+        """The partly quantized network's input, unmixed."""
+        return self._gather(self.cache.q_in)
 
 
 class Hooks:
@@ -96,14 +124,13 @@ class Hooks:
     def unit_start(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> UnitCache:
         return cache
 
-    def reconstruction(self, unit: Unit, module: fx.GraphModule, q_in: torch.Tensor, fp_in: torch.Tensor,
-                       target: torch.Tensor, idx: torch.Tensor, it: int,
+    def reconstruction(self, unit: Unit, module: fx.GraphModule, batch: Batch, it: int,
                        phase: Phase) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The unit's output on one batch and its reconstruction term (`q_in` is already mixed with `fp_in` as the
-        phase says; `idx` indexes the cached inputs). A method replaces it when its term needs more than one run
-        of the unit (PTMQ: one per bit-width). The dict holds parts of the term, logged but not added again."""
-        out = module(q_in)
-        return out, reconstruction_loss(out, target, phase.rec_p), {}
+        """The unit's output on one batch and its reconstruction term. A method replaces it when its term needs
+        more than one run of the unit (PTMQ: one per bit-width). The dict holds parts of the term, logged but not
+        added again."""
+        out = module(batch.q_in)
+        return out, reconstruction_loss(out, batch.target, phase.rec_p), {}
 
     def extra_loss(self, unit: Unit, out_q: torch.Tensor, idx: torch.Tensor, it: int,
                    phase: Phase) -> dict[str, torch.Tensor]:
@@ -119,15 +146,6 @@ def beta_at(it: int, phase: Phase) -> float:
         return phase.beta_start
     rel = (it - start) / max(phase.iters - start, 1)
     return phase.beta_end + (phase.beta_start - phase.beta_end) * max(0.0, 1.0 - rel)
-
-
-def rounding_regulariser(unit: Unit, beta: float) -> torch.Tensor:
-    total = 0.0
-    for _, wq in unit.weight_quantizers:
-        if getattr(wq, "adaround", False):
-            h = wq.soft_rounding()
-            total = total + (1 - (2 * h - 1).abs().pow(beta)).sum()
-    return total if isinstance(total, torch.Tensor) else torch.tensor(0.0)
 
 
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
@@ -226,6 +244,62 @@ def _prefix_values(gm, nodes, images, batch, device, store_device, dtype) -> lis
     return [torch.cat(lst) for lst in outs]
 
 
+@dataclass
+class Learner:
+    """What learns in one unit and how: the rounding of its weights (`LearnedRounding`, Adam `w_lr`) and its
+    activation step sizes (Adam `a_lr`, cosine decay to 0), in one optimiser with a group each."""
+    rounding: Optional[LearnedRounding]
+    a_params: list[torch.Tensor]
+    optimiser: Optional[kernels.Adam]
+
+    @classmethod
+    def start(cls, unit: Unit, phase: Phase) -> "Learner":
+        rounding = LearnedRounding(unit.weight_quantizers) if phase.learn_rounding else None
+        if rounding is not None and not len(rounding):
+            rounding = None
+        a_params = []
+        if phase.learn_act_scale and phase.quant_acts:
+            for q in unit.act_quantizers:
+                for step in q.step_parameters():
+                    step.requires_grad_(True)
+                    a_params.append(step)
+        groups = [{"params": [rounding.alpha], "lr": phase.w_lr}] if rounding is not None else []
+        groups += [{"params": a_params, "lr": phase.a_lr, "cosine": phase.a_lr}] if a_params else []
+        return cls(rounding, a_params, kernels.Adam(groups) if groups else None)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return ([self.rounding.alpha] if self.rounding is not None else []) + self.a_params
+
+    @contextlib.contextmanager
+    def applied(self, phase: Phase, it: int):
+        """Inside: the unit computes with this iteration's soft-rounded weights. Yields the weighted rounding
+        regulariser λ Σ (1 − |2 h(V) − 1|^β), or None (nothing to round, or still warming up)."""
+        if self.rounding is None:
+            yield None
+            return
+        beta = beta_at(it, phase) if it >= phase.warmup * phase.iters else None
+        with self.rounding.installed(beta) as penalty:
+            yield None if penalty is None else phase.round_weight * penalty
+
+    def step(self, loss: torch.Tensor, it: int, phase: Phase) -> None:
+        opt = self.optimiser
+        opt.zero_grad()
+        loss.backward()
+        distributed.average_gradients(self.params)
+        for group in opt.param_groups:
+            if "cosine" in group:   # CosineAnnealingLR(T_max=iters, eta_min=0), in closed form
+                group["lr"] = group["cosine"] * (1 + math.cos(math.pi * it / phase.iters)) / 2
+        opt.step()
+
+    def finish(self) -> None:
+        """Steps stop learning; learned rounding is made hard and written into the weights."""
+        for p in self.a_params:
+            p.requires_grad_(False)
+        if self.rounding is not None:
+            self.rounding.harden()
+
+
 class Engine:
     def __init__(self, gm: fx.GraphModule, units: list[Unit], images: torch.Tensor, device: torch.device,
                  settings: EngineSettings, hooks: Optional[Hooks] = None):
@@ -260,8 +334,11 @@ class Engine:
 
     def _cache(self, unit: Unit, carried: Optional[UnitCache], module: fx.GraphModule, phase: Phase) -> UnitCache:
         s = self.settings
-        bs = max(s.batch_size, 64)
-        if carried is None:
+        bs = s.eval_batch
+        if carried is None and unit.input.op == "placeholder":
+            # The network input: quantized and FP inputs are the same images, held once.
+            q_in = fp_in = self.images.to(self.store, s.cache_dtype)
+        elif carried is None:
             # No chain to follow (first unit, or layer units inside a block): run the network up to the input.
             with phase_state(self.gm, phase):
                 (q_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
@@ -279,7 +356,7 @@ class Engine:
         """Inputs of unit k+1 from unit k's cache, when unit k+1 starts where unit k ends."""
         if k + 1 >= len(self.units) or self.units[k + 1].input is not self.units[k].output:
             return None
-        bs = max(self.settings.batch_size, 64)
+        bs = self.settings.eval_batch
         with oom_hint(self.units[k + 1], len(cache.q_in), self.settings), phase_state(self.gm, phase):
             q_next = _run_batched(module, cache.q_in, bs, self.device, self.store, self.settings.cache_dtype)
         return UnitCache(q_next, cache.fp_out, None)
@@ -311,90 +388,24 @@ class Engine:
         return self.history
 
     def _optimise(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> dict:
-        s, device = self.settings, self.device
         start_time = time.perf_counter()
         network_cache, cache = cache, self.hooks.unit_start(unit, module, cache, phase)
         if phase.quant_acts and phase.act_init_images > 0:
-            init_act_steps(module, unit, cache, phase.act_init_images, max(s.batch_size, 64), device)
-        w_params, a_params = [], []
-        if phase.learn_rounding:
-            for layer, wq in unit.weight_quantizers:
-                wq.init_rounding(layer.weight)
-                w_params.append(wq.alpha)
-        quantizers = unit.act_quantizers if phase.quant_acts else []
-        if phase.learn_act_scale and phase.quant_acts:
-            for q in quantizers:
-                for step in q.step_parameters():
-                    step.requires_grad_(True)
-                    a_params.append(step)
-        optimisers, schedulers = [], []
-        if w_params:
-            optimisers.append(torch.optim.Adam(w_params, lr=phase.w_lr))
-        if a_params:
-            a_opt = torch.optim.Adam(a_params, lr=phase.a_lr)
-            optimisers.append(a_opt)
-            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=phase.iters, eta_min=0.0))
-
-        hist = {"iter": [], "rec": [], "round": [], "total": []}
-        n = len(cache.q_in)
-        # Several processes: each draws its share of the batch from its own images; gradients are averaged.
-        world = distributed.world_size()
-        local_batch = max(1, s.batch_size // world)
-        last = {}
-        bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
-                   mininterval=1.0)
+            init_act_steps(module, unit, cache, phase.act_init_images, self.settings.eval_batch, self.device)
+        learner = Learner.start(unit, phase)
         loop_start = time.perf_counter()
-        with phase_state(self.gm, phase), keep_probability(quantizers, phase.keep_prob):
-            if not optimisers:
-                bar.close()
-            for it in (bar if optimisers else ()):
-                idx = torch.randint(0, n, (min(local_batch, n),))
-                q_in, fp_in, target = cache.batch(idx, device)
-                if phase.input_prob < 1.0:
-                    q_in = torch.where(torch.rand_like(q_in) < phase.input_prob, q_in, fp_in)
-                out, rec, parts = self.hooks.reconstruction(unit, module, q_in, fp_in, target, idx, it, phase)
-                beta = beta_at(it, phase)
-                if phase.learn_rounding and it >= phase.warmup * phase.iters:
-                    rnd = phase.round_weight * rounding_regulariser(unit, beta).to(rec.device)
-                else:
-                    rnd = torch.zeros((), device=rec.device)
-                extra = self.hooks.extra_loss(unit, out, idx, it, phase)
-                loss = rec + rnd + sum(extra.values())
-                # every process must stop together: test the loss averaged over them
-                seen = distributed.average(loss.detach().clone()) if world > 1 else loss
-                if not torch.isfinite(seen):
-                    raise NumericalError(f"unit {unit.name} ({phase.name}) iteration {it}: loss is {seen.item()}")
-                for opt in optimisers:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(w_params + a_params)
-                for opt in optimisers:
-                    opt.step()
-                for sch in schedulers:
-                    sch.step()
-                if it % s.log_every == 0 or it == phase.iters - 1:
-                    last = {"rec": rec.item(), "round": rnd.item(), "total": loss.item(),
-                            **{k: v.item() for k, v in {**parts, **extra}.items()}}
-                    hist["iter"].append(it)
-                    for key, value in last.items():
-                        hist.setdefault(key, []).append(value)
-                    bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
+        hist = self._loop(unit, module, cache, phase, learner)
         loop_seconds = time.perf_counter() - loop_start
-        for q in quantizers:
-            for step in q.step_parameters():
-                step.requires_grad_(False)
-        if phase.learn_rounding:
-            for layer, wq in unit.weight_quantizers:
-                wq.harden(layer.weight)
+        learner.finish()
         # Against the FP network's own output, whatever target the method trained on (PD-Quant's DC replaces it),
         # so that the figure compares across methods; the method's own target gets its figure beside it.
         final = self.unit_error(module, network_cache, phase)
         own = None if cache is network_cache else self.unit_error(module, cache, phase)
         self.hooks.unit_end(unit)
         seconds = time.perf_counter() - start_time
-        log.info("%s %-24s rec %.5g -> final %.5g (%d it, %.1f s, %.2f ms/it)", phase.name, unit.name,
+        log.info("%s %-24s rec %.5g -> final %.5g (%d it, %.1f s, %.2f ms/it in the loop)", phase.name, unit.name,
                  hist["rec"][0] if hist["rec"] else float("nan"), final, phase.iters, seconds,
-                 1000 * seconds / max(phase.iters, 1))
+                 1000 * loop_seconds / max(phase.iters, 1))
         # loop_seconds: the iterations alone, without the method's set-up (DC), range init and the final error
         record = {"name": unit.name, "iterations": phase.iters, "final_rec_loss": final, "seconds": round(seconds, 3),
                   "loop_seconds": round(loop_seconds, 3), "history": hist}
@@ -402,11 +413,62 @@ class Engine:
             record["final_rec_loss_method_target"] = own
         return record
 
+    def _loop(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase, learner: "Learner") -> dict:
+        """The iterations. No host sync but every `log_every` iterations: a non-finite loss is remembered on the
+        device and reported there, naming its first iteration."""
+        s, device = self.settings, self.device
+        hist = {"iter": [], "rec": [], "round": [], "total": []}
+        if not learner.optimiser:
+            return hist
+        n = len(cache.q_in)
+        # Several processes: each draws its share of the batch from its own images; gradients are averaged.
+        world = distributed.world_size()
+        batch_size = min(max(1, s.batch_size // world), n)
+        losses = torch.empty(phase.iters, device=device)   # checked for non-finite values at each log point
+        checked = 0
+        bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
+                   mininterval=1.0)
+        quantizers = unit.act_quantizers if phase.quant_acts else []
+        with phase_state(self.gm, phase), keep_probability(quantizers, phase.keep_prob):
+            for it in bar:
+                batch = Batch(cache, torch.randint(0, n, (batch_size,)), phase, device)
+                with learner.applied(phase, it) as rnd:
+                    out, rec, parts = self.hooks.reconstruction(unit, module, batch, it, phase)
+                    extra = self.hooks.extra_loss(unit, out, batch.idx, it, phase)
+                loss = rec + sum(extra.values()) if extra else rec
+                if rnd is not None:
+                    loss = loss + rnd
+                losses[it] = loss.detach()
+                learner.step(loss, it, phase)
+                if it % s.log_every == 0 or it == phase.iters - 1:
+                    self._check_finite(losses[checked:it + 1], checked, it, unit, phase)
+                    checked = it + 1
+                    last = {"rec": rec.item(), "round": 0.0 if rnd is None else rnd.item(), "total": loss.item(),
+                            **{k: v.item() for k, v in {**parts, **extra}.items()}}
+                    hist["iter"].append(it)
+                    for key, value in last.items():
+                        hist.setdefault(key, []).append(value)
+                    bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
+        return hist
+
+    @staticmethod
+    def _check_finite(losses: torch.Tensor, first: int, it: int, unit: Unit, phase: Phase) -> None:
+        """Every process stops together, naming the first iteration (over all of them) whose loss was not finite."""
+        bad = (~torch.isfinite(losses)).nonzero()
+        first_bad = torch.tensor(first + int(bad[0]) if len(bad) else phase.iters, device=losses.device)
+        if distributed.world_size() > 1:
+            distributed.all_reduce(first_bad, distributed.ReduceOp.MIN)
+        k = int(first_bad)
+        if k < phase.iters:
+            value = f"{losses[k - first].item()}" if first <= k < first + len(losses) else "not finite"
+            raise NumericalError(f"unit {unit.name} ({phase.name}) iteration {k}: loss is {value} (found at the "
+                                 f"check after iteration {it})")
+
     @torch.no_grad()
     def unit_error(self, module, cache: UnitCache, phase: Phase) -> float:
         """Mean reconstruction error of the (hardened) unit over all cached inputs, without drop or mixing."""
         total, count = 0.0, 0
-        bs = max(self.settings.batch_size, 64)
+        bs = self.settings.eval_batch
         with phase_state(self.gm, phase):
             for start in range(0, len(cache.q_in), bs):
                 q_in = cache.q_in[start:start + bs].to(self.device, torch.float32)

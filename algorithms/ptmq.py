@@ -43,13 +43,14 @@ from algorithms.base import RunContext
 from algorithms.engine import Hooks, Phase, UnitCache, init_act_steps, phase_state, reconstruction_loss
 from algorithms.graph import prefix_module
 from algorithms.quantizers import (ActQuantizer, MultiBitActQuantizer, activation_bits, active_bits,
-                                   fake_quantizers, keep_mask, make_multibit, multibit_quantizers,
+                                   fake_quantizers, make_multibit, multibit_quantizers,
                                    set_activation_bits)
 from algorithms.reconstruction import Reconstruction, ReconstructionConfig
 from algorithms.registry import register
 from algorithms.units import Unit
 from ptqkit import quantize as pq
 from ptqkit.errors import ConfigError
+from ptqkit.quant.kernels import keep_mask, mix_rows
 from ptqkit.schema import spec
 
 log = logging.getLogger(__name__)
@@ -155,19 +156,21 @@ class PTMQHooks(Hooks):
         self._unit_state = (module, cache, phase, quantizers, inputs)
         return cache
 
-    def reconstruction(self, unit, module, q_in, fp_in, target, idx, it, phase):
+    def reconstruction(self, unit, module, batch, it, phase):
         p = self.params
         _, _, _, quantizers, inputs = self._unit_state
         drawn = [g[0] if len(g) == 1 else g[int(torch.randint(len(g), ()))] for g in self.groups]
         outs = []
         for bits in drawn:
-            x = q_in if bits == self.default_bits else inputs[bits][idx].to(self.device, torch.float32)
             if p.input_prob < 1.0:
-                x = torch.where(keep_mask(x.shape, p.input_prob, x.device), x, fp_in)
+                x = mix_rows(inputs[bits], batch.cache.fp_in, batch.idx, p.input_prob, self.device)
+            else:
+                x = inputs[bits][batch.idx].to(self.device, torch.float32)
             with active_bits(quantizers, bits):
                 outs.append(module(x))
         f_low, f_mid, f_high = outs
         blend = p.lambda1 * f_low + p.lambda2 * f_mid + p.lambda3 * f_high
+        target = batch.target
         mixed = torch.where(keep_mask(blend.shape, p.mixed_p, blend.device), target, blend)
         parts = {"gd_fp_mix": F.mse_loss(mixed, target), "gd_high_mid": F.mse_loss(f_mid, f_high),
                  "gd_high_low": F.mse_loss(f_low, f_high)}

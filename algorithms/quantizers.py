@@ -1,8 +1,9 @@
 """MQBench fake-quant modules extended with what reconstruction needs, and context managers over their state.
 
-- `WeightQuantizer` (an MQBench `AdaRoundFakeQuantize`): round-to-nearest until `init_rounding` is called; then
-  learned rounding with the rectified sigmoid h(V) (soft), and `harden()` writes the hard-rounded weights back so
-  that plain round-to-nearest reproduces them and the learned state can be dropped.
+- `WeightQuantizer` (an MQBench `AdaRoundFakeQuantize`): round-to-nearest, or the soft-rounded weights of a
+  `LearnedRounding` (AdaRound's rectified sigmoid h(V), for all the layers of a unit in flat tensors) while it is
+  installed; `LearnedRounding.harden()` writes the hard-rounded weights back so that round-to-nearest reproduces
+  them and the learned state can be dropped.
 - `ActQuantizer` (an MQBench `QDropFakeQuantize`): LSQ-style learnable step size with a keep probability: each
   element is quantized with probability `keep_prob` (QDrop), otherwise passed through in full precision.
 - `MultiBitActQuantizer` (an `ActQuantizer`): one step size and zero point per bit-width of a set, `active_bits`
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from typing import Iterable, Iterator
 
 import torch
@@ -24,7 +24,9 @@ from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize
 from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize
 from mqbench.fake_quantize.quantize_base import QuantizeBase
 
-ZETA, GAMMA = 1.1, -0.1
+from ptqkit.quant import kernels
+
+from ptqkit.quant.kernels import GAMMA, ZETA
 
 
 def _broadcast(t: torch.Tensor, like: torch.Tensor, ch_axis: int) -> torch.Tensor:
@@ -36,83 +38,83 @@ def _broadcast(t: torch.Tensor, like: torch.Tensor, ch_axis: int) -> torch.Tenso
 
 
 class WeightQuantizer(AdaRoundFakeQuantize):
-    """Weight fake-quant: nearest rounding, or learned AdaRound rounding once `init_rounding` was called."""
+    """Weight fake-quant: round to nearest, or, while a `LearnedRounding` is installed, the soft-rounded weights
+    it computed for this iteration."""
 
-    def init_rounding(self, weight: torch.Tensor) -> None:
-        """Start learned rounding at V such that h(V) equals the fractional part of w / s."""
-        self.adaround = True
-        self.round_mode = "learned_hard_sigmoid"
-        self.gamma, self.zeta = GAMMA, ZETA
-        self.observer_enabled[0] = 0
-        self.fake_quant_enabled[0] = 1
-        scale = _broadcast(self.scale.data, weight, self.ch_axis)
-        rest = weight.detach() / scale - torch.floor(weight.detach() / scale)
-        alpha = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
-        self.alpha = nn.Parameter(alpha)
+    soft_weight: torch.Tensor | None = None
 
-    def soft_rounding(self) -> torch.Tensor:
-        """h(V) in [0, 1], the learned rounding offset added to floor(w / s)."""
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-    @torch.no_grad()
-    def harden(self, weight: nn.Parameter) -> None:
-        """Write the hard-rounded weights into `weight` and go back to nearest rounding (which now reproduces them)."""
-        weight.data.copy_(self.get_hard_value(weight.data))
-        self.adaround = False
-        del self.alpha
+    def forward(self, X):
+        if self.soft_weight is not None:
+            return self.soft_weight
+        return super().forward(X)
 
 
-def keep_mask(shape, keep_prob: float, device) -> torch.Tensor:
-    """Bernoulli(keep_prob) mask. On CPU, 8 (or 16) random bits per element from 64-bit draws: about 4x faster
-    than `rand_like` there; `keep_prob` is then realised to 1/256 (1/65536) resolution, exactly for 0.5."""
-    if device.type != "cpu":
-        return torch.rand(shape, device=device) < keep_prob
-    n = math.prod(shape)
-    if float(keep_prob * 256).is_integer():
-        draws = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64)
-        return draws.view(torch.uint8)[:n].view(shape) < int(keep_prob * 256)
-    draws = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    return draws.view(torch.int16)[:n].view(shape) < int(round(keep_prob * 65536)) - 32768
+class LearnedRounding:
+    """AdaRound's learned rounding (ALGORITHMS.md §0) of a set of weight layers — one reconstruction unit — held in
+    flat tensors: V, floor(w / s), and s, z and the integer range per element.
 
-
-class _LsqDropFn(torch.autograd.Function):
-    """Per-tensor fake quantization with an LSQ step-size gradient and QDrop's keep mask, in one autograd node.
-
-    out = keep ? (clamp(round(x/s) + z, qmin, qmax) - z) * s : x. Straight-through: d out/dx = 1 inside the
-    integer range (and where dropped), 0 where clamped; d out/ds = round(x/s) - x/s inside, (clamped int - z)
-    outside, 0 where dropped — exactly what MQBench's STE formula gives through autograd.
-
-    On activation-sized tensors every elementwise pass and every fresh allocation costs about as much as the
-    convolution, so the forward builds only what the backward needs — the d out/ds factor (float, in the x/s
-    buffer) and the clamped-and-kept mask (bool) — and the backward is one masked copy and one dot product.
+    V starts where h(V) equals the fractional part of w / s, so the soft weights start at the FP weights (inside the
+    grid). One flat V is one optimiser parameter, and every iteration computes all the layers' soft weights and the
+    regulariser in one pass (`kernels.soft_rounding`) whatever the layer count. While `installed()`, each layer's
+    weight quantizer returns its slice of this iteration's soft weights; `harden()` writes h = 1[V >= 0] into the
+    layers' weights, which round-to-nearest then reproduces exactly.
     """
 
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, mask):
-        ds = x / scale
-        q = torch.round(ds)
-        # clamp(round + z, qmin, qmax) - z == clamp(round, qmin - z, qmax - z) exactly for integer-valued floats
-        qc = torch.clamp(q, qmin - zero_point, qmax - zero_point)
-        clamped = torch.ne(q, qc, out=torch.empty_like(q, dtype=torch.bool))
-        del q
-        ds.masked_fill_(clamped, 0.0)
-        torch.sub(qc, ds, out=ds)                 # round(x/s) - x/s inside, clamped int - z outside
-        out = qc.mul_(scale)
-        if mask is not None:
-            torch.where(mask, out, x, out=out)
-            ds.mul_(mask)
-            clamped.logical_and_(mask)
-        ctx.save_for_backward(ds, clamped)
-        return out
+    def __init__(self, layers: list[tuple[nn.Module, WeightQuantizer]]):
+        self.layers = list(layers)
+        alphas, bases, scales, zeros, los, his = [], [], [], [], [], []
+        with torch.no_grad():
+            for layer, wq in self.layers:
+                w = layer.weight.detach()
+                scale = _broadcast(wq.scale.detach(), w, wq.ch_axis).expand_as(w)
+                zero = _broadcast(wq.zero_point.detach(), w, wq.ch_axis).to(w.dtype).expand_as(w)
+                base = torch.floor(w / scale)
+                rest = w / scale - base
+                alphas.append(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+                bases.append(base)
+                scales.append(scale)
+                zeros.append(zero)
+                los.append(torch.full_like(w, wq.quant_min))
+                his.append(torch.full_like(w, wq.quant_max))
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts]) if ts else torch.empty(0)  # noqa: E731
+        self.alpha = nn.Parameter(flat(alphas))
+        self.base, self.scale, self.zero_point = flat(bases), flat(scales), flat(zeros)
+        self.lo, self.hi = flat(los), flat(his)
+        self.shapes = [layer.weight.shape for layer, _ in self.layers]
+        self.sizes = [layer.weight.numel() for layer, _ in self.layers]
 
-    @staticmethod
-    def backward(ctx, grad):
-        ds, clamped = ctx.saved_tensors
-        grad_x = grad.masked_fill(clamped, 0.0)
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            grad_scale = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(1)
-        return grad_x, grad_scale, None, None, None, None
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def soft_rounding(self) -> torch.Tensor:
+        """h(V) of every weight, flat."""
+        return kernels.rectified_sigmoid(self.alpha.detach())[0]
+
+    @contextlib.contextmanager
+    def installed(self, beta: float | None = None):
+        """Inside: the layers compute with this iteration's soft weights (computed once, however many forwards).
+        Yields the regulariser Σ (1 − |2 h(V) − 1|^β) with `beta`, else None."""
+        w, penalty = kernels.soft_rounding(self.alpha, self.base, self.scale, self.zero_point, self.lo, self.hi, beta)
+        try:
+            for (_, wq), part, shape in zip(self.layers, w.split(self.sizes), self.shapes):
+                wq.soft_weight = part.view(shape)
+            yield penalty if beta is not None else None
+        finally:
+            for _, wq in self.layers:
+                wq.soft_weight = None
+
+    @torch.no_grad()
+    def hard_weights(self) -> list[torch.Tensor]:
+        """The weights with h = 1[V >= 0], as MQBench's `get_hard_value` computes them."""
+        t = (self.base + (self.alpha >= 0).to(self.base.dtype)).add_(self.zero_point)
+        w = torch.clamp(t, self.lo, self.hi).sub_(self.zero_point).mul_(self.scale)
+        return [part.view(shape) for part, shape in zip(w.split(self.sizes), self.shapes)]
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Write the hard-rounded weights into the layers; round-to-nearest reproduces them from now on."""
+        for (layer, _), w in zip(self.layers, self.hard_weights()):
+            layer.weight.data.copy_(w)
 
 
 class ActQuantizer(QDropFakeQuantize):
@@ -126,21 +128,19 @@ class ActQuantizer(QDropFakeQuantize):
     def keep_prob(self, value: float) -> None:
         self.prob = float(value)
 
+    learn_step = True   # False: the step stays as calibrated (the network input's, by default: see QuantConfig)
+
     def step_parameters(self) -> list[nn.Parameter]:
-        """The learnable step sizes reconstruction optimises (one here; a multi-bit quantizer has one per bit-width)."""
-        return [self.scale]
+        """The step sizes reconstruction optimises (one here; a multi-bit quantizer has one per bit-width)."""
+        return [self.scale] if self.learn_step else []
 
     def forward(self, X):
-        if self.observer_enabled[0] == 1 or self.fake_quant_enabled[0] != 1 or self.is_per_channel:
+        if self.observer_enabled.item() == 1 or self.fake_quant_enabled.item() != 1 or self.is_per_channel \
+                or torch.jit.is_tracing():
+            # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records; the fused kernel
+            # computes the same values but is opaque to it
             return super().forward(X)
-        zp = self.zero_point.to(X.dtype)
-        if not torch.is_grad_enabled() and self.prob >= 1.0:
-            # Inference: the same formula in place. torch's fused fake_quantize kernel is several times slower
-            # than this on CPU (it also builds a gradient mask).
-            scale = self.scale.detach()
-            return X.div(scale).round_().add_(zp).clamp_(self.quant_min, self.quant_max).sub_(zp).mul_(scale)
-        mask = keep_mask(X.shape, self.prob, X.device) if self.prob < 1.0 else None
-        return _LsqDropFn.apply(X, self.scale, zp, self.quant_min, self.quant_max, mask)
+        return kernels.act_fake_quant(X, self.scale, self.zero_point, self.quant_min, self.quant_max, self.prob)
 
 
 _mq_prepare.FakeQuantizeDict.setdefault("PTQWeightQuantizer", WeightQuantizer)

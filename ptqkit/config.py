@@ -51,6 +51,9 @@ class EvaluationData:
     batch_size: int = spec(256, lo=1)
     workers: int = spec(2, lo=0, hi=64)
     limit: Optional[int] = spec(None, lo=1, doc="evaluate only the first N images (of a fixed seeded order)")
+    cache_mb: int = spec(4096, lo=0, doc="hold the decoded evaluation images in memory when they take at most this "
+                                         "many MB (CIFAR-10 test: 30; ImageNet val at 224 px: 7,200); larger sets "
+                                         "are decoded again at each evaluation")
 
 
 @dataclass
@@ -85,7 +88,7 @@ class TensorQuant:
     bits: int = spec(4, lo=2, hi=8)
     per_channel: bool = spec(False)
     symmetric: bool = spec(False)
-    observer: str = spec("mse", choices=OBSERVERS,
+    observer: str = spec("hist_mse", choices=OBSERVERS,
                          doc="minmax, ema_minmax; mse / ema_mse (MQBench's searches, slow); hist_mse (the same "
                              "search from a histogram, 20-90x faster, ptqkit.observers)")
     p: float = spec(2.0, lo=1.0, hi=4.0, doc="norm of the MSE observers' range search (2.4 in BRECQ/QDrop)")
@@ -104,6 +107,9 @@ class QuantConfig:
     last_layer_w_bits: Optional[int] = spec(8, lo=2, hi=8, doc="last layer's weight bits; null = w.bits")
     last_layer_a_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the last layer's input; null = a.bits")
     input_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the network input (image); null = no quantizer")
+    learn_input_step: bool = spec(False, doc="reconstruction also learns the network input quantizer's step "
+                                             "(MQBench does; it costs the first layer's input gradient every "
+                                             "iteration); false = it keeps its calibrated step, as an 8-bit image")
     fold_bn: bool = spec(False, doc="fold BN into convs before quantizing (BRECQ/QDrop); Academic keeps BN")
 
 
@@ -114,6 +120,10 @@ class RuntimeConfig:
     threads: int = spec(0, lo=0, hi=512, doc="torch CPU threads; 0 = torch's default")
     output_dir: str = spec("runs/default", doc="run folder; an existing one is never overwritten (a suffix is added)")
     save_model: bool = spec(True, doc="save the quantized model (quantizer state, rounded weights)")
+    reuse_fp32: bool = spec(True, doc="reuse the FP32 result measured by an earlier run of the same model "
+                                      "(architecture and weights), evaluation images (bytes), preset, device kind "
+                                      "and torch version (a key in the cache folder, ptqkit.cache); false = "
+                                      "measure it again")
     retain_cpu_heap: bool = spec(True, doc="on CPU with glibc, keep freed memory in the heap during reconstruction "
                                            "instead of unmapping it (ptqkit/heap.py); false = glibc's default")
 

@@ -142,8 +142,10 @@ def prepare_quantized(fp_model: nn.Module, qcfg, leaf_modules=()) -> tuple[torch
         if qcfg.input_bits is None:
             _remove_quantizer(gm, name)
             layout.input_quantizers.remove(name)
-        elif name != layout.last_input_quantizer:
-            set_bits(modules[name], qcfg.input_bits)
+        else:
+            if name != layout.last_input_quantizer:
+                set_bits(modules[name], qcfg.input_bits)
+            modules[name].learn_step = qcfg.learn_input_step
     return gm, layout
 
 

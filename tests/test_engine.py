@@ -9,8 +9,8 @@ import torch
 
 from algorithms.base import RunContext
 from algorithms.engine import Engine, EngineSettings, Phase, beta_at
-from algorithms.graph import unit_module
-from algorithms.quantizers import act_quantizers, fake_quantizers
+from algorithms.graph import prefix_module, unit_module
+from algorithms.quantizers import LearnedRounding, act_quantizers, fake_quantizers
 from algorithms.registry import get_algorithm
 from conftest import REPO, base_tree
 from ptqkit.config import validate
@@ -55,27 +55,23 @@ def test_hard_rounding_written_back_reproduces_the_fake_quant_output(resnet20, c
     torch.manual_seed(0)
     _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=30)
     block = units[2]
-    layer, wq = block.weight_quantizers[0]
-    original = layer.weight.detach().clone()
-    wq.init_rounding(layer.weight)
+    layers = block.weight_quantizers
+    originals = [layer.weight.detach().clone() for layer, _ in layers]
+    rounding = LearnedRounding(layers)
     with torch.no_grad():
-        wq.alpha.add_(torch.randn_like(wq.alpha))      # move V away from its nearest-rounding start
-        hard = wq.get_hard_value(layer.weight.detach())
+        rounding.alpha.add_(torch.randn_like(rounding.alpha))   # move V away from its nearest-rounding start
         module = unit_module(qmodel, block)
-        x = cifar_calib[:8]
-        from algorithms.graph import prefix_module
-        (inp,) = prefix_module(qmodel, [block.input])(x)
-        wq.adaround = False                            # evaluate the hard rounding through the weights
-        saved = layer.weight.detach().clone()
-        layer.weight.copy_(hard)
-        expected = module(inp)
-        layer.weight.copy_(saved)
-        wq.adaround = True
-        wq.harden(layer.weight)
-        assert not hasattr(wq, "alpha") and not wq.adaround
-        assert torch.equal(wq(layer.weight), layer.weight)   # on the grid: nearest rounding changes nothing
+        (inp,) = prefix_module(qmodel, [block.input])(cifar_calib[:8])
+        for (layer, _), hard in zip(layers, rounding.hard_weights()):
+            layer.weight.copy_(hard)
+        expected = module(inp)                         # the unit with the hard rounding in its weights
+        for (layer, _), original in zip(layers, originals):
+            layer.weight.copy_(original)
+        rounding.harden()
+        for layer, wq in layers:
+            assert torch.equal(wq(layer.weight), layer.weight)   # on the grid: nearest rounding changes nothing
         assert torch.equal(module(inp), expected)
-        assert not torch.equal(layer.weight, original)
+        assert not all(torch.equal(layer.weight, o) for (layer, _), o in zip(layers, originals))
 
 
 def test_beta_and_regulariser_follow_the_schedule(resnet20, cifar_calib):
@@ -148,7 +144,7 @@ def test_cuda_out_of_memory_while_caching_names_the_cache_settings(resnet20, cif
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(engine_module, "_prefix_values", no_memory)
+    monkeypatch.setattr(engine_module, "_run_batched", no_memory)
     engine = Engine(qmodel, units, cifar_calib, CPU, EngineSettings(show_progress=False))
     with pytest.raises(UserError) as err:
         engine.run(phases)
@@ -168,4 +164,5 @@ def test_non_finite_loss_stops_with_the_unit_and_iteration(resnet20, cifar_calib
     engine = Engine(qmodel, units[1:2], cifar_calib[:64], CPU, EngineSettings(show_progress=False), NanAtThree())
     with pytest.raises(NumericalError) as err:
         engine.run(phases)
-    assert str(err.value) == "unit layer1.0 (qdrop) iteration 3: loss is nan"
+    # found at the next check (the last iteration here), named by the first bad iteration
+    assert str(err.value) == "unit layer1.0 (qdrop) iteration 3: loss is nan (found at the check after iteration 9)"

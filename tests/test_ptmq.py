@@ -53,7 +53,8 @@ def quantized(resnet20, cifar_calib):
     reconstruction = hooks.reconstruction
 
     def recording(unit, *args):
-        alphas.setdefault(unit.name, []).append([wq.alpha.detach().clone() for _, wq in unit.weight_quantizers])
+        # the soft weights of this iteration: they move exactly when V does
+        alphas.setdefault(unit.name, []).append([wq.soft_weight.detach().clone() for _, wq in unit.weight_quantizers])
         steps.setdefault(unit.name, []).append(
             [s.item() for q in unit.act_quantizers if isinstance(q, MultiBitActQuantizer) for s in q.step_parameters()])
         return reconstruction(unit, *args)
