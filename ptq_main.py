@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             run_dir = distributed.broadcast_object(pipeline.new_run_dir(cfg.runtime.output_dir)
                                                    if main_process else None)
         setup_logging(run_dir if main_process else None, logging.INFO if main_process else logging.WARNING)
-        logging.getLogger("ptq").info("%s run folder %s", "resuming in" if progress else "run folder", run_dir)
+        logging.getLogger("ptq").info("%s %s", "resuming in run folder" if progress else "run folder", run_dir)
         results = pipeline.run(cfg, run_dir, show_progress=main_process and not args.quiet, resume=progress)
         distributed.shutdown()
         if not main_process:

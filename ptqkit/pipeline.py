@@ -4,6 +4,7 @@ The FP32 and quantized accuracies are always measured on the same images in the 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ptqkit.cache import cache_dir
 from ptqkit.config import Config, dump_config
 
 log = logging.getLogger("ptq")
@@ -70,7 +72,7 @@ def new_run_dir(path: str) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -90,6 +92,38 @@ def evaluate(model: nn.Module, loader, device, desc: str = "eval", show_progress
     from ptqkit import distributed  # several processes evaluate a shard each
     correct1, correct5, total = distributed.all_reduce(torch.tensor([correct1, correct5, total])).tolist()
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the architecture (its repr) and of every parameter and buffer (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def evaluate_fp32(model: nn.Module, eval_set, device, show_progress: bool, reuse: bool) -> tuple[dict, bool]:
+    """The FP32 result and whether it was reused: it is when the same model (architecture and weights) was evaluated
+    on the same images (`eval_set.digest`: their bytes, labels and preset) on the same kind of device and torch
+    version."""
+    if not reuse:
+        return evaluate(model, eval_set, device, "eval fp32", show_progress), False
+    key = hashlib.sha256("|".join([model_fingerprint(model), eval_set.digest, device.type,
+                                   torch.__version__]).encode()).hexdigest()
+    path = os.path.join(cache_dir("fp32"), f"{key}.json")
+    try:
+        with open(path) as f:
+            return json.load(f), True
+    except (OSError, ValueError):
+        pass
+    result = evaluate(model, eval_set, device, "eval fp32", show_progress)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, result)
+    except OSError as exc:   # a read-only home is no reason to fail a run
+        log.warning("FP32 result not cached (%s)", exc)
+    return result, False
 
 
 class PhaseTimer:
@@ -127,8 +161,8 @@ def check_multi_process(cfg: Config, algorithm_cls) -> None:
         raise ConfigError("algorithm.name", "an algorithm that runs under torchrun (naive, adaround, brecq, "
                           "brecq_joint, qdrop)", cfg.algorithm.name)
     if cfg.quant.a.observer not in MERGEABLE_OBSERVERS:
-        raise ConfigError("quant.a.observer", "minmax or mse under torchrun (their ranges merge exactly over "
-                          "processes)", cfg.quant.a.observer)
+        raise ConfigError("quant.a.observer", "minmax, mse or hist_mse under torchrun (EMA observers depend on the "
+                          "order of batches, which processes split)", cfg.quant.a.observer)
 
 
 @contextmanager
@@ -186,10 +220,17 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
         return {"dry_run": algorithm.describe(ctx) if hasattr(algorithm, "describe") else None}
 
     with timer("fp32_eval"):
-        fp32 = evaluate(fp_model, loader, device, "eval fp32", show_progress)
-    log.info("FP32 top-1 %.2f %% (top-5 %.2f %%) on %d images", fp32["top1"], fp32["top5"], fp32["images"])
+        # several processes evaluate a shard each: a reused figure would leave the others alone in the all-reduce
+        reuse = cfg.runtime.reuse_fp32 and distributed.world_size() == 1
+        fp32, fp32_reused = evaluate_fp32(fp_model, loader, device, show_progress, reuse)
+    log.info("FP32 top-1 %.2f %% (top-5 %.2f %%) on %d images%s", fp32["top1"], fp32["top5"], fp32["images"],
+             " (reused: measured by an earlier run on the same model and images)" if fp32_reused else "")
     with timer("quantize"):
         qmodel = algorithm.run(ctx)
+    if cfg.runtime.save_model and distributed.is_main():
+        with timer("save"):   # before the evaluation: whatever happens there, the work is kept
+            from ptqkit.saving import save_quantized
+            save_quantized(qmodel, cfg, os.path.join(run_dir, "quantized_model.pt"))
     with timer("quant_eval"):
         quant = evaluate(qmodel, loader, device, "eval quant", show_progress)
     log.info("%s %s top-1 %.2f %% (FP32 %.2f %% on the same %d images)", cfg.algorithm.name, quant_summary(cfg),
@@ -197,13 +238,9 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
     extra_evals = getattr(algorithm, "extra_evaluations", None)
     extra = extra_evals(ctx, qmodel, lambda m, desc: evaluate(m, loader, device, desc, show_progress)) \
         if extra_evals else None
-    if cfg.runtime.save_model and distributed.is_main():
-        with timer("save"):
-            from ptqkit.saving import save_quantized
-            save_quantized(qmodel, cfg, os.path.join(run_dir, "quantized_model.pt"))
     results = {
         "model": cfg.model.name, "algorithm": cfg.algorithm.name, "bits": quant_summary(cfg),
-        "fp32": fp32, "quant": quant, "drop_top1": round(fp32["top1"] - quant["top1"], 3),
+        "fp32": fp32, "fp32_reused": fp32_reused, "quant": quant, "drop_top1": round(fp32["top1"] - quant["top1"], 3),
         "calibration_images": len(calib_images), "evaluation_images": quant["images"],
         "seconds": timer.seconds, "memory": peak_memory_mb(device), "device": str(device),
         "versions": versions(), "config": cfg.to_dict(), "algorithm_results": ctx.results,

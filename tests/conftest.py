@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ CIFAR = os.path.join(ASSETS, "cifar10")
 IMAGENET = os.path.join(ASSETS, "imagenet")
 sys.path.insert(0, REPO)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# A cache of this session's own (kernels, FP32 results), inherited by the runs it starts: no test sees a figure an
+# earlier session left behind.
+os.environ["PTQKIT_CACHE"] = tempfile.mkdtemp(prefix="ptqkit-test-cache-")
 
 
 def cifar_checkpoint(depth: int) -> str:
