@@ -4,8 +4,11 @@ What is split and what is kept the same:
 - calibration images are sharded (rank r takes calibration batches r, r + N, ...); every process holds and caches
   only its shard, so the unit caches shrink N-fold;
 - observers: MinMax and MSE ranges are unions of per-batch ranges, so each process observes its batches and the
-  ranges are merged with an all-reduce (min of minima, max of maxima): the same ranges one process gets. EMA and
-  histogram observers do not merge that way and are refused under torchrun (`quant.a.observer`);
+  ranges are merged with an all-reduce (min of minima, max of maxima): the same ranges one process gets. The
+  histogram MSE observer's histograms are gathered and summed (bins of power-of-two widths merge exactly), and the
+  range is searched over all of them: the search one process makes over the same values, on a bin layout that may
+  be up to a power of two coarser. EMA observers depend on the order of batches and are refused under torchrun
+  (`quant.a.observer`);
 - a unit's activation steps are re-initialised on the same images in every process (their cached inputs are
   gathered first), so all processes start each unit from the same steps;
 - reconstruction: every process draws batch / N images from its shard per iteration; the gradients of the
@@ -21,7 +24,8 @@ import os
 import torch
 import torch.distributed as dist
 
-MERGEABLE_OBSERVERS = ("minmax", "mse")
+MERGEABLE_OBSERVERS = ("minmax", "mse", "hist_mse")
+ReduceOp = dist.ReduceOp
 
 
 def world_size() -> int:
@@ -124,13 +128,19 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_ranges(quantizers) -> None:
-    """Union of the observed ranges over processes, and the scale / zero point recomputed from it."""
+    """Every process's observations merged, and the scale / zero point recomputed from them: the union of the
+    ranges (MinMax, MSE), or of the histograms (hist_mse: the search then runs over all processes' values)."""
     if world_size() == 1:
         return
     for q in quantizers:
         obs = q.activation_post_process
-        all_reduce(obs.min_val, dist.ReduceOp.MIN)
-        all_reduce(obs.max_val, dist.ReduceOp.MAX)
+        if hasattr(obs, "merge_histograms") and obs.ch_axis == -1:
+            states = [None] * world_size()
+            dist.all_gather_object(states, obs.histogram_state())
+            obs.merge_histograms(states)
+        else:
+            all_reduce(obs.min_val, dist.ReduceOp.MIN)
+            all_reduce(obs.max_val, dist.ReduceOp.MAX)
         scale, zero_point = q.calculate_qparams()
         if q.scale.shape != scale.shape:
             q.scale.data = torch.ones_like(scale)

@@ -162,6 +162,45 @@ class HistogramMSEObserver(ObserverBase):
             counts.index_add_(0, index, old)
         self._counts, self._first_bin, self._log2_width = counts, first, log2_width
 
+    # ------------------------------------------------------------------------------ several processes
+    def histogram_state(self) -> dict:
+        """What another process needs to merge this one's observations (per-tensor observers)."""
+        return {"counts": None if self._counts is None else self._counts.cpu(), "first_bin": self._first_bin,
+                "log2_width": self._log2_width, "zeros": self._zeros, "min": self._data_min, "max": self._data_max}
+
+    @torch.no_grad()
+    def merge_histograms(self, states: list[dict]) -> None:
+        """Replace this observer's data by the union of `states` (every process's `histogram_state`, in rank order):
+        bins of different power-of-two widths are merged exactly onto the widest, widened further if the union's
+        range needs more than 2 * `bins` of them. The search then runs over all processes' values at once."""
+        device = self.min_val.device
+        self._clear()
+        self._zeros = sum(st["zeros"] for st in states)
+        self._data_min = min(st["min"] for st in states)
+        self._data_max = max(st["max"] for st in states)
+        self._fresh = self._has_data()
+        if self._has_data():
+            self.min_val = torch.tensor(self._data_min, device=device)
+            self.max_val = torch.tensor(self._data_max, device=device)
+        parts = [st for st in states if st["counts"] is not None and len(st["counts"])]
+        if not parts:
+            return
+        log2_width = max(st["log2_width"] for st in parts)
+        while True:
+            spans = [(st["first_bin"] >> (log2_width - st["log2_width"]),
+                      (st["first_bin"] + len(st["counts"]) - 1) >> (log2_width - st["log2_width"])) for st in parts]
+            first, last = min(a for a, _ in spans), max(b for _, b in spans)
+            if last - first + 1 <= 2 * self.bins:
+                break
+            log2_width += 1
+        counts = torch.zeros(last - first + 1, dtype=torch.float64, device=device)
+        for st in parts:
+            shift = log2_width - st["log2_width"]
+            index = (torch.arange(st["first_bin"], st["first_bin"] + len(st["counts"]), device=device) >> shift) \
+                - first
+            counts.index_add_(0, index, st["counts"].to(device))
+        self._counts, self._first_bin, self._log2_width = counts, first, log2_width
+
     def _observe_channels(self, x: torch.Tensor) -> None:
         rows = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1) if self.ch_axis != 0 \
             else x.reshape(x.shape[0], -1)

@@ -2,8 +2,10 @@
 
 Calibration with MinMax ranges is exact over processes (ranges are unions of per-batch ranges) and sharded
 evaluation sums the same counts, so naive PTQ must give the very same top-1. Reconstruction draws its batches in a
-different order with two processes, so QDrop is held to a stated tolerance: top-1 within 1.0 point on 1,000 test
-images and every unit's final reconstruction error within 25 % of the single-process one.
+different order with two processes, so QDrop is held to a stated tolerance: top-1 within 2.5 points on 1,000 test
+images and every unit's final reconstruction error within 25 % of the single-process one. The top-1 of this short
+run moves with the draw order anyway: seeds 11-15 in one process gave 76.4 / 77.4 / 76.3 / 76.9 / 77.8 (std 0.64),
+and 2.5 is about three standard deviations of a difference of two such runs.
 """
 import json
 import os
@@ -15,7 +17,7 @@ import yaml
 
 from conftest import REPO, base_tree, small_run_config
 
-TOP1_TOLERANCE = 1.0
+TOP1_TOLERANCE = 2.5
 UNIT_LOSS_TOLERANCE = 0.25
 
 
@@ -65,5 +67,5 @@ def test_an_algorithm_or_observer_that_cannot_merge_is_refused(tmp_path):
            "--master_port", str(29700 + os.getpid() % 1000), "ptq_main.py", "--quiet", "--config", str(path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert ("error: config key 'quant.a.observer': expected minmax or mse under torchrun (their ranges merge "
-            "exactly over processes), got 'ema_mse'") in proc.stderr
+    assert ("error: config key 'quant.a.observer': expected minmax, mse or hist_mse under torchrun (EMA observers "
+            "depend on the order of batches, which processes split), got 'ema_mse'") in proc.stderr

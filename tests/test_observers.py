@@ -169,3 +169,21 @@ def test_hist_mse_through_prepare_and_calibrate(resnet20, cifar_calib, cifar_tes
         accuracy[observer] = top1(qmodel, images, labels)
     # Measured: 61.4 % (hist_mse) vs 55.7 % (min/max); FP32 74.8 % on these 1,000 images.
     assert accuracy["hist_mse"] >= accuracy["minmax"] + 2.0, accuracy
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_histograms_of_two_processes_merge_into_the_search_of_one(activations, name):
+    """What several processes do (ptqkit.distributed.merge_ranges): each observes its own batches, the histograms
+    are summed. The merged search must pick the range one observer picks over all the batches, or one whose true
+    error on all the values is within 0.5 % of it (the bin layouts may differ by a power of two)."""
+    one, merged = HistogramMSEObserver(**per_tensor(4, 2.4)), HistogramMSEObserver(**per_tensor(4, 2.4))
+    parts = [HistogramMSEObserver(**per_tensor(4, 2.4)) for _ in activations[name]]
+    for batch, part in zip(activations[name], parts):
+        one(batch)
+        part(batch)
+    merged.merge_histograms([p.histogram_state() for p in parts])
+    assert merged._zeros == one._zeros and merged._counts.sum() == one._counts.sum()
+    (lo1, hi1), (lo2, hi2) = one.search_tensor(), merged.search_tensor()
+    x = torch.cat(activations[name])
+    e1, e2 = lp_error(x, lo1, hi1, one, 2.4), lp_error(x, lo2, hi2, one, 2.4)
+    assert e2 <= e1 * 1.005, (name, (lo1, hi1), (lo2, hi2), e1, e2)

@@ -51,8 +51,8 @@ def write_bases(root: str = "configs") -> None:
                  "calibration": {"split": "train", "num_images": 1024, "batch_size": 32, "seed": 1005},
                  "evaluation": {"split": "val", "batch_size": 100, "workers": 4}},
         "quant": {"backend": "academic",
-                  "w": {"bits": 4, "per_channel": True, "symmetric": False, "observer": "mse", "p": 2.4},
-                  "a": {"bits": 4, "per_channel": False, "symmetric": False, "observer": "mse", "p": 2.4},
+                  "w": {"bits": 4, "per_channel": True, "symmetric": False, "observer": "hist_mse", "p": 2.4},
+                  "a": {"bits": 4, "per_channel": False, "symmetric": False, "observer": "hist_mse", "p": 2.4},
                   "first_layer_w_bits": 8, "last_layer_w_bits": 8, "last_layer_a_bits": 8, "input_bits": 8},
         "runtime": {"device": "auto", "seed": 1005},
     }, "# ImageNet protocol of the QDrop/BRECQ tables: 1,024 calibration images from train/, evaluation on val/.\n")
