@@ -42,6 +42,7 @@ from algorithms.qdrop import QDrop
 from algorithms.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
 from algorithms.registry import register
 from ptqkit.errors import ConfigError
+from ptqkit.quant import kernels
 from ptqkit.schema import spec
 
 log = logging.getLogger(__name__)
@@ -72,39 +73,14 @@ def bn_inputs(bns: list[nn.BatchNorm2d]):
             h.remove()
 
 
-class _SampleStats(torch.autograd.Function):
-    """Per-sample, per-channel mean and unbiased variance of (N, C, L) over L. torch.var runs a one-thread Welford
-    loop on CPU that costs as much as the unit's convolutions; two passes and a closed-form backward do not."""
-
-    @staticmethod
-    def forward(ctx, flat):
-        mean = flat.mean(2, keepdim=True)
-        centred = flat - mean
-        var = (centred * centred).sum(2) / (flat.shape[2] - 1)
-        ctx.save_for_backward(centred)
-        return mean.squeeze(2), var
-
-    @staticmethod
-    def backward(ctx, g_mean, g_var):
-        (centred,) = ctx.saved_tensors
-        n = centred.shape[2]
-        return torch.addcmul((g_mean / n).unsqueeze(2), centred, (g_var * (2.0 / (n - 1))).unsqueeze(2))
-
-
 def sample_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _SampleStats.apply(flat)
+    """Per-sample, per-channel mean and unbiased variance of (N, C, L) over L (one fused pass each way on CPU)."""
+    return kernels.row_stats(flat)
 
 
 def bn_distance(inputs: list[torch.Tensor], bns: list[nn.BatchNorm2d]) -> torch.Tensor:
     """Σ over `bns` of the per-sample BN-statistics distance of their `inputs`, over the sample count."""
-    total = 0.0
-    for x, bn in zip(inputs, bns):
-        flat = x.flatten(2)
-        mean, var = sample_stats(flat)
-        std = (var + BN_EPS).sqrt()
-        total = total + ((mean - bn.running_mean).pow(2).sum()
-                         + (std - (bn.running_var + BN_EPS).sqrt()).pow(2).sum()) / len(flat)
-    return total
+    return sum(kernels.bn_distance(x, bn.running_mean, bn.running_var, BN_EPS) for x, bn in zip(inputs, bns))
 
 
 def bn_probe(module: fx.GraphModule, bns: list[nn.BatchNorm2d]):
@@ -125,26 +101,32 @@ def bn_probe(module: fx.GraphModule, bns: list[nn.BatchNorm2d]):
 
 def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: torch.Tensor, params, device,
                    store_device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """x̂ and FP_unit(x̂) over all of `fp_in`, and the BN distance (mean over chunks) before and after."""
+    """x̂ and FP_unit(x̂) over all of `fp_in`, and the BN distance (mean over chunks) before and after.
+
+    Per step the BN term goes through autograd (the probe and the per-sample statistics); the constraint
+    ||x̂ − x||² / lamb_c and its gradient are one fused pass added to x̂'s gradient, and Adam is one pass too: on CPU
+    each elementwise pass over x̂ costs a tenth of the probe."""
     corrected, outputs, before, after = [], [], 0.0, 0.0
     probe = bn_probe(module, bns)
     with fp_mode(module):
         for start in range(0, len(fp_in), params.dc_batch):
-            x = fp_in[start:start + params.dc_batch].to(device, torch.float32)
+            x = fp_in[start:start + params.dc_batch].to(device, torch.float32).contiguous()
             x_hat = x.clone().requires_grad_(True)
-            # fused: one pass over x̂ per step instead of about ten; on CPU the default (foreach) step costs more
-            # than the unit's forward. Same update up to float rounding.
-            opt = torch.optim.Adam([x_hat], lr=params.bn_lr, fused=True)
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=DC_PATIENCE, min_lr=DC_MIN_LR)
+            opt = kernels.Adam([{"params": [x_hat], "lr": params.bn_lr}])
+            plateau = kernels.Plateau(opt, patience=DC_PATIENCE, min_lr=DC_MIN_LR)
+            # reconstruction_loss(x̂, x, 2): summed over channels, averaged over samples and positions
+            positions = x.numel() // x.shape[1]
             with torch.no_grad():
                 before += bn_distance(probe(x), bns).item()
             with torch.enable_grad():
                 for _ in range(params.dc_steps):
-                    loss = bn_distance(probe(x_hat), bns) + reconstruction_loss(x_hat, x, 2.0) / params.lamb_c
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward(inputs=[x_hat])          # the unit's own weights need no gradient
+                    bn_loss = bn_distance(probe(x_hat), bns)
+                    opt.zero_grad()
+                    bn_loss.backward(inputs=[x_hat])          # the unit's own weights need no gradient
+                    constraint = kernels.sqdist_grad_(x_hat.detach(), x, x_hat.grad,
+                                                      2.0 / (params.lamb_c * positions))
                     opt.step()
-                    plateau.step(loss.item())
+                    plateau.step(bn_loss.item() + constraint / (params.lamb_c * positions))
             with torch.no_grad():
                 outputs.append(module(x_hat).to(store_device, dtype))
                 after += bn_distance(probe(x_hat), bns).item()

@@ -102,6 +102,8 @@ def main() -> int:
             with fp_mode(qm):
                 (x,) = _prefix_values(qm, [unit.input], calib, 64, device, device, torch.float32)
                 target = _run_batched(module, x, 64, device, device, torch.float32)
+            for param in qm.parameters():   # the engine's convention: nothing learns but what it asks for
+                param.requires_grad_(False)
             for w in weights:
                 w.requires_grad_(True)
 

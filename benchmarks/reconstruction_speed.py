@@ -87,6 +87,8 @@ def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn) 
     from algorithms.graph import unit_module
     from algorithms.quantizers import fp_mode
     floors = []
+    for param in qmodel.parameters():   # the engine's convention: nothing learns but what it asks for
+        param.requires_grad_(False)
     for unit in units:
         module = unit_module(qmodel, unit)
         weights = [layer.weight for layer, _ in unit.weight_quantizers]

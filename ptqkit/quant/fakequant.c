@@ -285,3 +285,102 @@ void ptq_adam(float *p, const float *g, float *m, float *v, int64_t n, float lr,
         p[i] -= step_size * (m[i] / (sqrtf(v[i]) / bc2_sqrt + eps));
     }
 }
+
+/* ------------------------------------------------------------------------- PD-Quant's distribution correction */
+
+/* Mean and the sum of squared deviations of one row: two passes (the row stays in cache), each in LANES float
+ * lanes (vectorised) added in double. */
+static inline void row_moments(const float *restrict row, int64_t len, double *mean, double *ss) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= len; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += row[i + l];
+    for (int l = 0; i < len; i++, l++) acc[l] += row[i];
+    double m = sum_lanes(acc) / (double)len;
+    float mf = (float)m, sq[LANES] = {0};
+    for (i = 0; i + LANES <= len; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float d = row[i + l] - mf;
+            sq[l] += d * d;
+        }
+    for (int l = 0; i < len; i++, l++) {
+        float d = row[i] - mf;
+        sq[l] += d * d;
+    }
+    *mean = m;
+    *ss = sum_lanes(sq);
+}
+
+/* Mean and unbiased variance of each of `rows` contiguous rows of `len` elements (per sample and channel, over
+ * positions). */
+void ptq_row_stats(const float *x, int64_t rows, int64_t len, float *mean, float *var, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * len, threads))
+    for (int64_t r = 0; r < rows; r++) {
+        double m, ss;
+        row_moments(x + r * len, len, &m, &ss);
+        mean[r] = (float)m;
+        var[r] = len > 1 ? (float)(ss / (double)(len - 1)) : NAN;
+    }
+}
+
+/* Their backward: gx = g_mean / len + (x - mean) g_var 2 / (len - 1), row by row. */
+void ptq_row_stats_backward(const float *x, const float *mean, const float *g_mean, const float *g_var, int64_t rows,
+                            int64_t len, float *gx, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * len, threads))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * len;
+        float *out = gx + r * len;
+        float a = g_mean[r] / (float)len, b = g_var[r] * 2.0f / (float)(len - 1), m = mean[r];
+        for (int64_t i = 0; i < len; i++) out[i] = a + (row[i] - m) * b;
+    }
+}
+
+/* grad += coef (a - b); returns sum (a - b)^2 (in double over chunks): a squared-distance term and its gradient
+ * in one pass. */
+double ptq_sqdist_grad(const float *a, const float *b, float *grad, int64_t n, float coef, int threads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    double *partial = (double *)calloc((size_t)chunks, sizeof(double));
+    if (partial == NULL) return NAN;
+#pragma omp parallel for schedule(static) num_threads(threads_for(n, threads))
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t start = c * CHUNK, len = chunk_len(n, c);
+        float acc[LANES] = {0};
+        int64_t i = 0;
+        for (; i + LANES <= len; i += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float d = a[start + i + l] - b[start + i + l];
+                grad[start + i + l] += coef * d;
+                acc[l] += d * d;
+            }
+        for (int l = 0; i < len; i++, l++) {
+            float d = a[start + i] - b[start + i];
+            grad[start + i] += coef * d;
+            acc[l] += d * d;
+        }
+        partial[c] = sum_lanes(acc);
+    }
+    return sum_chunks(partial, chunks);
+}
+
+/* PD-Quant's BN-statistics distance of one BN input x (N, C, L), per sample:
+ *     sum_{n,c} (m_nc - mu_c)^2 + (sqrt(v_nc + eps) - sigma_c)^2, over N
+ * with m, v the mean and unbiased variance over L (double, two passes per row in cache). Writes each row's mean
+ * and the loss's derivatives by m and v (for ptq_row_stats_backward); returns the loss. */
+double ptq_bn_distance(const float *x, int64_t n, int64_t c, int64_t len, const float *mu, const float *sigma,
+                       float eps, float *mean, float *d_mean, float *d_var, int threads) {
+    double *partial = (double *)calloc((size_t)(n * c), sizeof(double));
+    if (partial == NULL) return NAN;
+#pragma omp parallel for schedule(static) num_threads(threads_for(n * c * len, threads))
+    for (int64_t r = 0; r < n * c; r++) {
+        int64_t ch = r % c;
+        double m, ss;
+        row_moments(x + r * len, len, &m, &ss);
+        double v = ss / (double)(len - 1), sd = sqrt(v + eps);
+        double dm = m - mu[ch], ds = sd - sigma[ch];
+        partial[r] = dm * dm + ds * ds;
+        mean[r] = (float)m;
+        d_mean[r] = (float)(2.0 * dm / (double)n);
+        d_var[r] = (float)(ds / (sd * (double)n));
+    }
+    return sum_chunks(partial, n * c) / (double)n;
+}

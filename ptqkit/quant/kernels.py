@@ -101,6 +101,14 @@ def library():
     lib.ptq_round_soft.restype = ctypes.c_double
     lib.ptq_adam.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, f32, cint]
     lib.ptq_adam.restype = None
+    lib.ptq_row_stats.argtypes = [ptr, i64, i64, ptr, ptr, cint]
+    lib.ptq_row_stats.restype = None
+    lib.ptq_row_stats_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, cint]
+    lib.ptq_row_stats_backward.restype = None
+    lib.ptq_bn_distance.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, cint]
+    lib.ptq_bn_distance.restype = ctypes.c_double
+    lib.ptq_sqdist_grad.argtypes = [ptr, ptr, ptr, i64, f32, cint]
+    lib.ptq_sqdist_grad.restype = ctypes.c_double
     lib.ptq_mix_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, u64, u32, cint]
     lib.ptq_mix_rows.restype = None
     lib.ptq_keep_mask.argtypes = [ptr, i64, u64, u32, cint]
@@ -361,3 +369,115 @@ class Adam:
                 grad = p.grad.contiguous()
                 lib.ptq_adam(p.data_ptr(), grad.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), group["lr"],
                              beta1, beta2, self.eps, bc1, bc2_sqrt, threads)
+
+
+class Plateau:
+    """torch's ReduceLROnPlateau (mode min, relative threshold, no cooldown) over a `kernels.Adam`: the lr of every
+    group times `factor` once the loss has not improved by `threshold` (relative) for more than `patience` steps,
+    never below `min_lr`."""
+
+    def __init__(self, optimiser: Adam, patience: int = 10, factor: float = 0.1, min_lr: float = 0.0,
+                 threshold: float = 1e-4, eps: float = 1e-8):
+        self.optimiser, self.patience, self.factor, self.min_lr = optimiser, patience, factor, min_lr
+        self.threshold, self.eps = threshold, eps
+        self.best, self.bad = float("inf"), 0
+
+    def step(self, loss: float) -> None:
+        if loss < self.best * (1 - self.threshold):
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+        if self.bad > self.patience:
+            for group in self.optimiser.param_groups:
+                new = max(group["lr"] * self.factor, self.min_lr)
+                if group["lr"] - new > self.eps:
+                    group["lr"] = new
+            self.bad = 0
+
+
+# ----------------------------------------------------------------------- PD-Quant's distribution correction
+class _RowStats(torch.autograd.Function):
+    """Per-row mean and unbiased variance of (N, C, L) over L, with a closed-form backward: fakequant.c's
+    ptq_row_stats (one pass each way), or the same in torch ops (two passes forward; torch.var is a one-thread
+    Welford loop on CPU that costs as much as a unit's convolutions)."""
+
+    @staticmethod
+    def forward(ctx, flat):
+        rows, length = flat.shape[0] * flat.shape[1], flat.shape[2]
+        if _native(flat):
+            mean = torch.empty(flat.shape[:2])
+            var = torch.empty(flat.shape[:2])
+            library().ptq_row_stats(flat.data_ptr(), rows, length, mean.data_ptr(), var.data_ptr(),
+                                    torch.get_num_threads())
+        else:
+            mean = flat.mean(2)
+            centred = flat - mean.unsqueeze(2)
+            var = (centred * centred).sum(2) / (length - 1)
+        ctx.save_for_backward(flat, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        flat, mean = ctx.saved_tensors
+        rows, length = flat.shape[0] * flat.shape[1], flat.shape[2]
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean.contiguous()
+        g_var = torch.zeros_like(mean) if g_var is None else g_var.contiguous()
+        if _native(flat, g_mean, g_var):
+            gx = torch.empty_like(flat)
+            library().ptq_row_stats_backward(flat.data_ptr(), mean.data_ptr(), g_mean.data_ptr(), g_var.data_ptr(),
+                                             rows, length, gx.data_ptr(), torch.get_num_threads())
+            return gx
+        return torch.addcmul((g_mean / length).unsqueeze(2), flat - mean.unsqueeze(2),
+                             (g_var * (2.0 / (length - 1))).unsqueeze(2))
+
+
+def row_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance over the last dimension of (N, C, L), differentiable."""
+    return _RowStats.apply(flat.contiguous())
+
+
+def sqdist_grad_(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, coef: float) -> float:
+    """grad += coef (a - b), in place; returns Σ (a - b)²: a squared-distance term and its gradient in one pass."""
+    if _native(a, b, grad):
+        return library().ptq_sqdist_grad(a.data_ptr(), b.data_ptr(), grad.data_ptr(), a.numel(), coef,
+                                          torch.get_num_threads())
+    d = a - b
+    grad.add_(d, alpha=coef)
+    return float((d.double() * d.double()).sum())
+
+
+class _BNDistance(torch.autograd.Function):
+    """Σ_{n,c} (m_nc − μ_c)² + (sqrt(v_nc + eps) − σ_c)², over N: fakequant.c's ptq_bn_distance (one pass forward,
+    one backward), or the same through autograd in torch ops."""
+
+    @staticmethod
+    def forward(ctx, flat, mu, sigma, eps):
+        n, c, length = flat.shape
+        mean, d_mean, d_var = (torch.empty(n, c) for _ in range(3))
+        loss = library().ptq_bn_distance(flat.data_ptr(), n, c, length, mu.data_ptr(), sigma.data_ptr(), eps,
+                                         mean.data_ptr(), d_mean.data_ptr(), d_var.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(flat, mean, d_mean, d_var)
+        return torch.tensor(loss, dtype=flat.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        flat, mean, d_mean, d_var = ctx.saved_tensors
+        gx = torch.empty_like(flat)
+        # named, not temporaries: a tensor made inside the call's arguments is freed before C reads it
+        g_mean, g_var = d_mean * float(g), d_var * float(g)
+        library().ptq_row_stats_backward(flat.data_ptr(), mean.data_ptr(), g_mean.data_ptr(), g_var.data_ptr(),
+                                         flat.shape[0] * flat.shape[1], flat.shape[2], gx.data_ptr(),
+                                         torch.get_num_threads())
+        return gx, None, None, None
+
+
+def bn_distance(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-sample distance of the channel statistics of x (N, C, ...) to a BN layer's running statistics:
+    Σ_{n,c} (mean_nc − μ_c)² + (std_nc − σ_c)², over N, std = sqrt(unbiased var + eps), σ = sqrt(running var + eps)."""
+    flat = x.flatten(2).contiguous()
+    sigma = (running_var + eps).sqrt()
+    if _native(flat, running_mean.detach().contiguous(), sigma.detach().contiguous()):
+        return _BNDistance.apply(flat, running_mean.detach().contiguous(), sigma.detach().contiguous(), eps)
+    mean, var = row_stats(flat)
+    std = (var + eps).sqrt()
+    return ((mean - running_mean).pow(2).sum() + (std - sigma).pow(2).sum()) / len(flat)
