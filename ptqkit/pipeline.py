@@ -208,7 +208,8 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
     with timer("data"):
         splits = data.make_splits(cfg.data)
         calib_images, calib_labels = data.draw_calibration(splits, cfg.data.calibration)
-        loader = data.evaluation_loader(splits, cfg.data.evaluation, distributed.shard_indices)
+        # decoded now, before any calibration: an unreadable image stops the run here (not for a dry run)
+        loader = None if dry_run else data.evaluation_loader(splits, cfg.data.evaluation, distributed.shard_indices)
     algorithm = algorithm_cls(cfg.algorithm)
     ctx = RunContext(cfg=cfg, fp_model=fp_model, calib_images=calib_images, calib_labels=calib_labels,
                      device=device, run_dir=run_dir, show_progress=show_progress, resume=resume)

@@ -70,9 +70,9 @@ def torch_threads_are_left_as_found():
 def cifar_test_set():
     """All 10,000 shared CIFAR-10 test images, decoded once: (images, labels)."""
     import data
-    ds = data.image_folder(CIFAR, "test", "cifar10")
-    loader = torch.utils.data.DataLoader(ds, batch_size=1000, num_workers=2)
-    xs, ys = zip(*loader)
+    from ptqkit.config import validate
+    cfg = validate(base_tree())
+    xs, ys = zip(*data.evaluation_loader(data.make_splits(cfg.data), cfg.data.evaluation))
     return torch.cat(xs), torch.cat(ys)
 
 

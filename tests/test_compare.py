@@ -146,6 +146,7 @@ def test_cli_refuses_mixed_runs_in_one_line(tmp_path):
     assert "data.preset (imagenet vs cifar10)" in lines[0]
 
 
+@pytest.mark.slow
 def test_sweep_plans_and_validates_before_running(tmp_path):
     config = os.path.join(REPO, "configs", "cifar10", "resnet20_w4a4_naive.yaml")
     out = tmp_path / "sweep"

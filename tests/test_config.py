@@ -91,6 +91,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_resnet56_checkpoint_for_resnet20_is_one_line_and_exit_2(tmp_path):
     tree = base_tree(model={"checkpoint": cifar_checkpoint(56)}, runtime={"output_dir": str(tmp_path / "run")})
     proc = _cli(tmp_path, tree, "--quiet")
@@ -129,6 +130,7 @@ sys.exit(ptq_main.main(["--config", {cfg!r}, "--quiet", "--set", "model.name=bra
 """
 
 
+@pytest.mark.slow
 def test_cli_untraceable_model_is_one_line_and_exit_2(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(base_tree()))

@@ -7,12 +7,14 @@ from models import available_models, build_model, load_checkpoint
 from ptqkit.errors import CheckpointError
 
 
+@pytest.mark.slow
 def test_resnet20_fp32_is_8103_on_all_test_images(resnet20, cifar_test_set):
     images, labels = cifar_test_set
     assert len(images) == 10000
     assert round(top1(resnet20, images, labels), 2) == 81.03
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth, readme_top1", [(32, 82.56), (44, 82.67), (56, 83.20)])
 def test_deeper_resnets_are_as_accurate_as_the_assets_readme_on_a_fifth_of_the_test_images(
         depth, readme_top1, cifar_test_set):

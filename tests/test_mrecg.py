@@ -132,6 +132,7 @@ def test_loss_capacity_merging_is_deterministic_merges_top_k_pairs_and_restores_
     assert all(torch.equal(before[k], after[k]) for k in before)  # the probe leaves the calibration as it was
 
 
+@pytest.mark.slow
 def test_dry_run_prints_capacities_and_groups():
     import ptq_main
     out = io.StringIO()

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import base_tree, top1
@@ -15,6 +16,7 @@ def _naive(cfg, model, calib):
     return qmodel, layout
 
 
+@pytest.mark.slow
 def test_w8a8_is_within_half_a_point_of_fp32(resnet20, cifar_calib, cifar_test_set):
     cfg = validate(base_tree(quant={"w": {"bits": 8, "observer": "minmax"}, "a": {"bits": 8, "observer": "minmax"}}))
     qmodel, _ = _naive(cfg, resnet20, cifar_calib)
@@ -38,6 +40,7 @@ def test_bit_conventions_are_applied_as_configured(resnet20, cifar_calib):
                    for n in qmodel.graph.nodes)
 
 
+@pytest.mark.slow
 def test_w4a4_mse_beats_minmax_and_keeps_the_model_useful(resnet20, cifar_calib, cifar_test_set):
     images, labels = cifar_test_set
     images, labels = images[:2000], labels[:2000]

@@ -76,6 +76,7 @@ def test_histogram_search_matches_mqbench_exact_search(activations, bits, p, sym
             assert float(ours.min_val) == 0.0  # a post-ReLU range keeps its zero lower end: only max shrinks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 def test_pooled_batches_match_exact_search_over_all_of_them(activations, bits):
     """Across batches the range minimises the error over all observed values (MQBench: per-batch union)."""
@@ -148,6 +149,7 @@ def test_candidate_grid_is_mqbench_grid():
     assert factors[0] == 1.0 and float(factors[-1]) == pytest.approx(0.06) and len(factors) == 95
 
 
+@pytest.mark.slow
 def test_hist_mse_through_prepare_and_calibrate(resnet20, cifar_calib, cifar_test_set):
     from algorithms.quantizers import act_quantizers, weight_quantizers
     from ptqkit import quantize as pq

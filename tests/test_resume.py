@@ -57,6 +57,7 @@ def _results(run_dir) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_sigkill_mid_unit_then_resume_matches_an_uninterrupted_run(tmp_path):
     full = subprocess.run(_cmd("--config", _config(tmp_path, "full")), cwd=REPO, env=_env(),
                           capture_output=True, text=True)
@@ -80,6 +81,7 @@ def test_sigkill_mid_unit_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert "resuming after unit" in (run_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_with_what_is_done_saved(tmp_path):
     code, _, err, run_dir = _start_and_stop_mid_unit(tmp_path, "interrupted", signal.SIGINT, units_before=2)
     assert code == 130

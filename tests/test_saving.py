@@ -55,6 +55,7 @@ def test_images(cifar_test_set):
     return images[::20].contiguous(), labels[::20].contiguous()  # 500 images, 50 of each class
 
 
+@pytest.mark.slow
 def test_reload_in_new_process_predicts_the_same(w4a4, test_images, tmp_path):
     qmodel, cfg = w4a4
     images, labels = test_images
