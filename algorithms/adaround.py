@@ -2,10 +2,10 @@
 while rounding is learned; activation ranges come from the calibration observers."""
 from dataclasses import dataclass
 
-from algorithms.reconstruction import Reconstruction, ReconstructionConfig
-from algorithms.registry import register
+from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.registry import register
+from ptqkit.algorithms.units import GRANULARITIES
 from ptqkit.schema import spec
-from algorithms.units import GRANULARITIES
 
 
 @register("adaround")
@@ -16,5 +16,4 @@ class AdaRound(Reconstruction):
         granularity: str = spec("layer", choices=GRANULARITIES)
 
     def phases(self):
-        return [self.base_phase("adaround", learn_rounding=True, learn_act_scale=False, quant_acts=False,
-                                act_init_images=0)]
+        return [self.base_phase(learn_rounding=True, learn_act_scale=False, quant_acts=False, act_init_images=0)]

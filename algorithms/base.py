@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from ptqkit import quantize as pq  # module import: ptqkit.quantize imports algorithms.quantizers
+from ptqkit.quant import prepare as pq
 from ptqkit.schema import spec
 
 
@@ -18,7 +18,8 @@ class AlgorithmConfig:
     name: str = spec("naive", doc="registered algorithm")
 
     def finalize(self, cfg) -> None:
-        """Resolve defaults that depend on the rest of the config (e.g. per-architecture λ)."""
+        """Resolve defaults that depend on the rest of the config (the model's `algorithm_defaults` are applied
+        before this is called)."""
 
 
 @dataclass
@@ -31,8 +32,11 @@ class RunContext:
     run_dir: str | None = None
     results: dict = field(default_factory=dict)  # what the algorithm adds to results.json
     show_progress: bool = True
-    resume: dict | None = None       # saved progress to continue from (ptqkit.resume), reconstruction methods
+    resume: dict | None = None       # saved progress to continue from (ptqkit.algorithms.progress)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("ptq"))
+    # top-1 of a model on the run's evaluation images (the pipeline's; None where there are none, e.g. a dry run)
+    evaluate: Optional[Callable[[nn.Module, str], dict]] = None
+    fp32: Optional[dict] = None      # the run's FP32 result on those images, once measured
 
 
 class Algorithm:
@@ -49,3 +53,12 @@ class Algorithm:
     def run(self, ctx: RunContext) -> nn.Module:
         """Return the quantized model (fake quantizers on, observers off)."""
         raise NotImplementedError
+
+    def describe(self, ctx: RunContext) -> Optional[str]:
+        """The quantization plan a dry run prints (None: nothing beyond the config)."""
+        return None
+
+    def extra_evaluations(self, ctx: RunContext, qmodel: nn.Module,
+                          evaluate: Callable[[nn.Module, str], dict]) -> Optional[dict]:
+        """More evaluations of the returned model for results.json (e.g. PTMQ's every activation bit-width)."""
+        return None

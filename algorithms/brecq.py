@@ -8,8 +8,8 @@ i.e. QDrop with keep probability 1.
 """
 from dataclasses import dataclass
 
-from algorithms.reconstruction import Reconstruction, ReconstructionConfig
-from algorithms.registry import register
+from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.registry import register
 from ptqkit.schema import spec
 
 
@@ -22,12 +22,17 @@ class Brecq(Reconstruction):
         act_p: float = spec(2.4, lo=1.0, hi=4.0, doc="stage 2: norm of the reconstruction loss")
         act_init_images: int = spec(64, lo=0)
 
+        def finalize(self, cfg) -> None:
+            super().finalize(cfg)
+            if cfg.quant.a.bits is None:   # weight-only: there are no activation steps to learn
+                self.act_iters = 0
+
     def phases(self):
         p = self.params
-        stages = [self.base_phase("brecq-weights", learn_rounding=True, learn_act_scale=False, quant_acts=False,
-                                  act_init_images=0)]
+        stages = [self.base_phase(f"{self.name}-weights", learn_rounding=True, learn_act_scale=False,
+                                  quant_acts=False, act_init_images=0)]
         if p.act_iters > 0:
-            stages.append(self.base_phase("brecq-acts", iters=p.act_iters, learn_rounding=False,
+            stages.append(self.base_phase(f"{self.name}-acts", iters=p.act_iters, learn_rounding=False,
                                           learn_act_scale=True, quant_acts=True, a_lr=p.act_lr, rec_p=p.act_p))
         return stages
 
@@ -35,4 +40,4 @@ class Brecq(Reconstruction):
 @register("brecq_joint")
 class BrecqJoint(Reconstruction):
     def phases(self):
-        return [self.base_phase("brecq_joint", learn_rounding=True, learn_act_scale=True, quant_acts=True)]
+        return [self.base_phase(learn_rounding=True, learn_act_scale=True, quant_acts=True)]

@@ -10,9 +10,9 @@ calibration inputs,
         + Σ method terms                       (e.g. PD-Quant's prediction difference)
 
 with h the rectified sigmoid, β falling linearly from `beta_start` to `beta_end` after warm-up, and the unit input
-x_mix = where(u < input_prob, x_q, x_fp) element-wise (QDrop); inside the unit each activation quantizer keeps
-quantization per element with probability `keep_prob`. V learns with Adam (`w_lr`), s with Adam (`a_lr`) under a
-cosine decay to 0. At the end of a unit the rounding is made hard and written into the weights.
+x_mix = where(u < input_prob, x_q, x_fp) element-wise; inside the unit each activation quantizer keeps
+quantization per element with probability `keep_prob` (the phase's `DropRule`: QDrop's, or none). V learns with
+Adam (`w_lr`), s with Adam (`a_lr`) under a cosine decay to 0. At the end of a unit the rounding is made hard and written into the weights.
 
 A method may replace the first term (`Hooks.reconstruction`, e.g. PTMQ's loss over several bit-widths) and add
 the others (`Hooks.extra_loss`); the rounding regulariser and the schedules stay the engine's.
@@ -32,8 +32,9 @@ import contextlib
 import logging
 import math
 import os
+import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -41,14 +42,44 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm import tqdm
 
-from algorithms.graph import prefix_module, unit_module
-from algorithms.quantizers import ActQuantizer, LearnedRounding, act_quantizers, keep_probability, quant_state
-from algorithms.units import Unit
-from ptqkit import distributed, heap
+from ptqkit import distributed
+from ptqkit.algorithms import heap
+from ptqkit.algorithms.graph import prefix_module, unit_module
+from ptqkit.algorithms.units import Unit
 from ptqkit.errors import NumericalError, UserError
 from ptqkit.quant import kernels
+from ptqkit.quant.quantizers import (ActQuantizer, LearnedRounding, act_quantizers, keep_probability, quant_state,
+                                     reset_observer)
 
 log = logging.getLogger(__name__)
+
+
+def gather(cached: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+    """Rows `idx` of a cached tensor, as float32 on `device`."""
+    return cached[idx].to(device, torch.float32, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class DropRule:
+    """What a unit sees of quantization while it learns (QDrop, Wei et al. 2022): each activation quantizer inside
+    the unit keeps an element quantized with probability `keep_prob` (else passes it in full precision), and each
+    element of the unit's input comes from the partly quantized network with probability `input_prob` (else from
+    the FP network). The default is no drop: AdaRound's and BRECQ's phases. A method picks one per phase."""
+    keep_prob: float = 1.0
+    input_prob: float = 1.0
+
+    def unit_input(self, quantized: torch.Tensor, fp: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+        """One batch (`idx`) of the unit's input from the two cached inputs, mixed element-wise."""
+        if self.input_prob >= 1.0 or quantized is fp:
+            return gather(quantized, idx, device)
+        return kernels.mix_rows(quantized, fp, idx, self.input_prob, device)
+
+    def inside(self, quantizers: list[ActQuantizer]):
+        """Inside: the unit's activation quantizers keep elements quantized with `keep_prob` (restored after)."""
+        return keep_probability(quantizers, self.keep_prob)
+
+
+NO_DROP = DropRule()
 
 
 @dataclass
@@ -59,8 +90,7 @@ class Phase:
     learn_rounding: bool = True
     learn_act_scale: bool = True
     quant_acts: bool = True           # activation quantizers on, upstream and inside the unit
-    keep_prob: float = 1.0            # QDrop: per-element probability of keeping activation quantization
-    input_prob: float = 1.0           # QDrop: per-element probability of taking the quantized unit input
+    drop: DropRule = NO_DROP
     w_lr: float = 1e-3
     a_lr: float = 4e-5
     round_weight: float = 0.01        # λ
@@ -78,7 +108,7 @@ class EngineSettings:
     cache_dtype: torch.dtype = torch.float32
     log_every: int = 100
     show_progress: bool = True
-    retain_cpu_heap: bool = True      # ptqkit.heap: reuse freed CPU memory instead of page-faulting it back
+    retain_cpu_heap: bool = True      # algorithms/heap.py: reuse freed CPU memory instead of page-faulting it back
 
     @property
     def eval_batch(self) -> int:
@@ -94,28 +124,28 @@ class UnitCache:
 
 
 class Batch:
-    """One iteration's images: `idx` into the unit's cache, the unit input as the phase mixes it (`q_in`), the FP
-    target; the unmixed inputs are gathered only if a method asks for them."""
+    """One iteration's images: `idx` into the unit's cache, the FP `target`, and the unit input as the phase's drop
+    rule mixes it (`q_in`), made only when a method asks for it (PTMQ mixes its own, one per bit-width)."""
 
     def __init__(self, cache: UnitCache, idx: torch.Tensor, phase: "Phase", device):
-        self.cache, self.idx, self.device = cache, idx, device
-        if phase.input_prob < 1.0 and cache.q_in is not cache.fp_in:
-            self.q_in = kernels.mix_rows(cache.q_in, cache.fp_in, idx, phase.input_prob, device)
-        else:
-            self.q_in = self._gather(cache.q_in)
-        self.target = self._gather(cache.fp_out)
+        self.cache, self.idx, self.device, self.phase = cache, idx, device, phase
+        self.target = gather(cache.fp_out, idx, device)
+        self._q_in: Optional[torch.Tensor] = None
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.idx].to(self.device, torch.float32, non_blocking=True)
+    @property
+    def q_in(self) -> torch.Tensor:
+        if self._q_in is None:
+            self._q_in = self.phase.drop.unit_input(self.cache.q_in, self.cache.fp_in, self.idx, self.device)
+        return self._q_in
 
     @property
     def fp_in(self) -> torch.Tensor:
-        return self._gather(self.cache.fp_in)
+        return gather(self.cache.fp_in, self.idx, self.device)
 
     @property
     def quantized_in(self) -> torch.Tensor:
         """The partly quantized network's input, unmixed."""
-        return self._gather(self.cache.q_in)
+        return gather(self.cache.q_in, self.idx, self.device)
 
 
 class Hooks:
@@ -132,12 +162,17 @@ class Hooks:
         out = module(batch.q_in)
         return out, reconstruction_loss(out, batch.target, phase.rec_p), {}
 
-    def extra_loss(self, unit: Unit, out_q: torch.Tensor, idx: torch.Tensor, it: int,
+    def extra_loss(self, unit: Unit, out_q: torch.Tensor, batch: Batch, it: int,
                    phase: Phase) -> dict[str, torch.Tensor]:
+        """Terms added to the loss (each logged under its name)."""
         return {}
 
     def unit_end(self, unit: Unit) -> None:
         pass
+
+    def results(self) -> dict:
+        """What the method adds to results.json's algorithm_results once every unit is done."""
+        return {}
 
 
 def beta_at(it: int, phase: Phase) -> float:
@@ -176,12 +211,6 @@ def phase_state(gm: fx.GraphModule, phase: Phase):
         yield
 
 
-def _reset_observer(q: ActQuantizer) -> None:
-    obs = q.activation_post_process
-    obs.min_val = torch.full_like(obs.min_val, float("inf"))
-    obs.max_val = torch.full_like(obs.max_val, float("-inf"))
-
-
 @torch.no_grad()
 def init_act_steps(module: fx.GraphModule, unit: Unit, cache: UnitCache, n_images: int, batch: int, device):
     """Re-observe the unit's activation ranges on its own cached (quantized-model) inputs."""
@@ -189,7 +218,7 @@ def init_act_steps(module: fx.GraphModule, unit: Unit, cache: UnitCache, n_image
     if not quantizers or n_images <= 0:
         return
     for q in quantizers:
-        _reset_observer(q)
+        reset_observer(q)
     # Observe everything first (fake quant off), then compute the step: MQBench fake quantizers update their
     # scale from the observer at every observed forward.
     # Several processes: every one observes the same images (its share of the first n, gathered), so all start
@@ -207,7 +236,6 @@ def resident_memory_mb() -> float:
         with open("/proc/self/statm") as f:
             return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
     except (OSError, ValueError, IndexError):  # not Linux
-        import resource
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -225,7 +253,7 @@ def oom_hint(unit: Unit, n_images: int, settings: "EngineSettings"):
 
 
 @torch.no_grad()
-def _run_batched(module: nn.Module, inputs: torch.Tensor, batch: int, device, store_device, dtype):
+def run_batched(module: nn.Module, inputs: torch.Tensor, batch: int, device, store_device, dtype):
     outs = []
     for start in range(0, len(inputs), batch):
         out = module(inputs[start:start + batch].to(device, torch.float32))
@@ -234,7 +262,7 @@ def _run_batched(module: nn.Module, inputs: torch.Tensor, batch: int, device, st
 
 
 @torch.no_grad()
-def _prefix_values(gm, nodes, images, batch, device, store_device, dtype) -> list[torch.Tensor]:
+def prefix_values(gm, nodes, images, batch, device, store_device, dtype) -> list[torch.Tensor]:
     prefix = prefix_module(gm, nodes)
     outs: list[list[torch.Tensor]] = [[] for _ in nodes]
     for start in range(0, len(images), batch):
@@ -341,15 +369,15 @@ class Engine:
         elif carried is None:
             # No chain to follow (first unit, or layer units inside a block): run the network up to the input.
             with phase_state(self.gm, phase):
-                (q_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
+                (q_in,) = prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
                                          s.cache_dtype)
             with self.full_precision():
-                (fp_in,) = _prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
+                (fp_in,) = prefix_values(self.gm, [unit.input], self.images, bs, self.device, self.store,
                                           s.cache_dtype)
         else:
             q_in, fp_in = carried.q_in, carried.fp_in
         with self.full_precision():
-            fp_out = _run_batched(module, fp_in, bs, self.device, self.store, s.cache_dtype)
+            fp_out = run_batched(module, fp_in, bs, self.device, self.store, s.cache_dtype)
         return UnitCache(q_in, fp_in, fp_out)
 
     def _carry(self, k: int, cache: UnitCache, module: fx.GraphModule, phase: Phase) -> Optional[UnitCache]:
@@ -358,7 +386,7 @@ class Engine:
             return None
         bs = self.settings.eval_batch
         with oom_hint(self.units[k + 1], len(cache.q_in), self.settings), phase_state(self.gm, phase):
-            q_next = _run_batched(module, cache.q_in, bs, self.device, self.store, self.settings.cache_dtype)
+            q_next = run_batched(module, cache.q_in, bs, self.device, self.store, self.settings.cache_dtype)
         return UnitCache(q_next, cache.fp_out, None)
 
     # ----------------------------------------------------------------------------------- optimisation
@@ -372,6 +400,8 @@ class Engine:
                     if (p, k) <= after:
                         continue
                     module = unit_module(self.gm, unit)
+                    if self.device.type == "cuda":   # each unit's record holds its own peak
+                        torch.cuda.reset_peak_memory_stats(self.device)
                     cache = self._cache_for(k, phase, carried, module)
                     carried = None
                     record = self._optimise(unit, module, cache, phase)
@@ -429,12 +459,12 @@ class Engine:
         bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
                    mininterval=1.0)
         quantizers = unit.act_quantizers if phase.quant_acts else []
-        with phase_state(self.gm, phase), keep_probability(quantizers, phase.keep_prob):
+        with phase_state(self.gm, phase), phase.drop.inside(quantizers):
             for it in bar:
                 batch = Batch(cache, torch.randint(0, n, (batch_size,)), phase, device)
                 with learner.applied(phase, it) as rnd:
                     out, rec, parts = self.hooks.reconstruction(unit, module, batch, it, phase)
-                    extra = self.hooks.extra_loss(unit, out, batch.idx, it, phase)
+                    extra = self.hooks.extra_loss(unit, out, batch, it, phase)
                 loss = rec + sum(extra.values()) if extra else rec
                 if rnd is not None:
                     loss = loss + rnd

@@ -1,7 +1,7 @@
 """FDDA (Zhong et al., ECCV 2022): fine-tuning of the quantized network by distillation from the full-precision
 one, on one real image per class plus images from a conditional generator steered by per-class BN statistics.
 
-Per-class BN statistics ("BNS centers", `tools/bns_centers.py`) are measured once on the real images. Every
+Per-class BN statistics ("BNS centers", `ptqkit.algorithms.bns`) are measured once on the real images. Every
 iteration the generator G(z, y) is trained, through the frozen teacher, with
 
     L_G = w_ce · CE(T(G(z, y)), y) + w_bns · BNS(G(z, y))                       random labels y
@@ -31,16 +31,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
-from algorithms.base import Algorithm, AlgorithmConfig, RunContext
-from algorithms.quantizers import act_quantizers, fake_quantizers, quant_state, weight_quantizers
-from algorithms.engine import frozen_parameters
-from algorithms.registry import register
+from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
+from ptqkit.algorithms.bns import (batchnorm_layers, bn_input_stats, check_centers, compute_bns_centers, load_centers,
+                                   record_bn_inputs)
+from ptqkit.algorithms.engine import frozen_parameters
+from ptqkit.algorithms.registry import register
 from ptqkit.errors import ConfigError, NumericalError
+from ptqkit.quant import prepare as pq
+from ptqkit.quant.quantizers import act_quantizers, fake_quantizers, quant_state, weight_quantizers
 from ptqkit.schema import spec
-from tools.bns_centers import (batchnorm_layers, bn_input_stats, check_centers, compute_bns_centers, load_centers,
-                               record_bn_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,6 @@ class RealBatches:
         self.order: list[int] = []
         height, width = images.shape[-2:]
         if augment == "resized_crop":
-            from torchvision.transforms import RandomResizedCrop
             self.crop = RandomResizedCrop((height, width), antialias=True)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ class FDDA(Algorithm):
         trust_epoch: int = spec(4, lo=0, doc="after this epoch, single-class batches only use classes whose "
                                              "real image the teacher classifies correctly; until then such a "
                                              "class's D-BNS target is N(0, 1) noise on all BN layers (reference)")
-        centers: Optional[str] = spec(None, exists="file", doc="BNS centers file of tools/bns_centers.py; "
+        centers: Optional[str] = spec(None, exists="file", doc="BNS centers file of ptqkit.tools.bns_centers; "
                                                                "null = compute them from the calibration images")
         # student
         temperature: float = spec(20.0, lo=1e-3, doc="KD temperature τ")
@@ -201,7 +202,7 @@ class FDDA(Algorithm):
                                                             "epochs; null = the fine-tuning length (one decay to "
                                                             "0); the reference uses 100 (restarts)")
         eval_before_finetuning: bool = spec(False, doc="also evaluate the quantized model as it is just before "
-                                                       "the first student step (results.json extra_evaluations)")
+                                                       "the first student step (results.json: fdda.before_finetuning)")
 
         def finalize(self, cfg) -> None:
             if self.warmup_epochs >= self.epochs:
@@ -285,7 +286,7 @@ class FDDA(Algorithm):
             s_opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / cosine_steps)))
 
         history, seconds = [], {"generator": 0.0, "student": 0.0}
-        self._snapshot = None
+        snapshot = None   # the model just before its first student step (eval_before_finetuning)
         total = p.epochs * p.iters_per_epoch
         with frozen_parameters(teacher), tqdm(total=total, desc="fdda", unit="it", disable=not ctx.show_progress) as bar:
             for epoch in range(p.epochs):
@@ -303,8 +304,8 @@ class FDDA(Algorithm):
                         fake = self._generator_step(gen_state, teacher, epoch, stats)
                         seconds["generator"] += time.perf_counter() - start
                     start = time.perf_counter()
-                    if train_student and p.eval_before_finetuning and self._snapshot is None:
-                        self._snapshot = self._frozen_copy(qmodel, images[:1].to(device))
+                    if train_student and p.eval_before_finetuning and snapshot is None:
+                        snapshot = self._frozen_copy(qmodel, images[:1].to(device))
                     if train_student:
                         self._student_step(qmodel, teacher, real, fake, s_opt, w_quant, a_quant, observe_acts,
                                            stats, device)
@@ -329,6 +330,12 @@ class FDDA(Algorithm):
         ctx.results["fdda"] = {"student_steps": (p.epochs - p.warmup_epochs) * p.iters_per_epoch,
                                "generator_steps": total if p.use_generated else 0,
                                "seconds": {k: round(v, 2) for k, v in seconds.items()}, "epochs": history}
+        if snapshot is not None and ctx.evaluate is not None:
+            # the model before fine-tuning (ranges observed, weights untouched): what fine-tuning adds
+            result = ctx.evaluate(snapshot, "eval before fine-tuning")
+            ctx.results["fdda"]["before_finetuning"] = result
+            ctx.log.info("fdda: top-1 %.2f %% before fine-tuning (ranges observed, weights untouched)",
+                         result["top1"])
         return qmodel
 
     # ---------------------------------------------------------------------------------------- generator
@@ -450,15 +457,6 @@ class FDDA(Algorithm):
         self._finalize_quantizers(snapshot, weight_quantizers(snapshot), sample)
         return snapshot
 
-    def extra_evaluations(self, ctx: RunContext, qmodel, evaluate) -> dict | None:
-        """The model before fine-tuning (quantizer ranges observed, weights untouched): what fine-tuning adds."""
-        snapshot, self._snapshot = getattr(self, "_snapshot", None), None
-        if snapshot is None:
-            return None
-        result = evaluate(snapshot, "eval before fine-tuning")
-        ctx.log.info("fdda: top-1 %.2f %% before fine-tuning (ranges observed, weights untouched)", result["top1"])
-        return {"before_finetuning": result}
-
     @staticmethod
     @torch.no_grad()
     def _finalize_quantizers(qmodel, w_quant, sample) -> None:
@@ -467,6 +465,4 @@ class FDDA(Algorithm):
         with quant_state(qmodel, observe=False, quantize=True), \
                 quant_state(qmodel, observe=True, quantize=True, only=w_quant):
             qmodel(sample)
-        for _, q in fake_quantizers(qmodel):
-            q.observer_enabled[0] = 0
-            q.fake_quant_enabled[0] = 1
+        pq.freeze(qmodel)

@@ -46,16 +46,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.nn as nn
 
-from algorithms.base import RunContext
-from algorithms.brecq import BrecqJoint
-from algorithms.engine import Engine, EngineSettings, Phase
-from algorithms.qdrop import QDrop
-from algorithms.reconstruction import Reconstruction, ReconstructionConfig
-from algorithms.registry import register
-from algorithms.units import BLOCK_TYPES, Unit, describe_units, merge_units
+from ptqkit.algorithms.base import RunContext
+from ptqkit.algorithms.brecq import BrecqJoint
+from ptqkit.algorithms.engine import Engine, Phase
+from ptqkit.algorithms.qdrop import QDrop
+from ptqkit.algorithms.reconstruction import Partition, Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.registry import register
+from ptqkit.algorithms.units import BLOCK_TYPES, Unit, merge_units
 from ptqkit.errors import ConfigError
 from ptqkit.schema import spec
 
@@ -192,10 +191,6 @@ class MRECG(Reconstruction):
     multi_process = False   # its capacity probe under several processes is not tested yet
     Config = MRECGConfig
 
-    def __init__(self, params: MRECGConfig):
-        super().__init__(params)
-        self.plan: Optional[Plan] = None
-
     def base_method(self) -> Reconstruction:
         """The base plugin with our shared reconstruction settings (its own keys keep their defaults)."""
         cls = BASES[self.params.base]
@@ -209,7 +204,7 @@ class MRECG(Reconstruction):
     def prepare(self, ctx: RunContext):
         qmodel, layout = super().prepare(ctx)
         # The grouping is checked against the model's units as soon as they exist: before any calibration.
-        self._check_fits(super().units(qmodel, ctx), ctx)
+        self._check_fits(self.block_units(qmodel, ctx), ctx)
         return qmodel, layout
 
     def _check_fits(self, base: list[Unit], ctx: RunContext) -> None:
@@ -251,9 +246,7 @@ class MRECG(Reconstruction):
         images = ctx.calib_images[: p.probe_images]
         phase = Phase("mrecg-probe", iters=0, learn_rounding=False, learn_act_scale=False, quant_acts=True,
                       act_init_images=min(p.act_init_images, len(images)))
-        settings = EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
-                                  cache_dtype=getattr(torch, p.cache_dtype), show_progress=False,
-                                  retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
+        settings = dataclasses.replace(self.engine_settings(ctx), show_progress=False, log_every=100)
         saved = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
         try:
             history = Engine(qmodel, base, images, ctx.device, settings).run([phase])
@@ -262,29 +255,25 @@ class MRECG(Reconstruction):
             qmodel.load_state_dict(saved)
         return [record["final_rec_loss"] for record in history]
 
-    def units(self, qmodel, ctx: RunContext) -> list[Unit]:
-        base = super().units(qmodel, ctx)
+    def partition(self, qmodel, ctx: RunContext) -> Partition:
+        base = self.block_units(qmodel, ctx)
         self._check_fits(base, ctx)
-        self.plan = self.make_plan(qmodel, base, ctx)
-        log.info("mrecg groups (%s): %s", self.plan.source,
-                 ", ".join("+".join(self.plan.base_units[i] for i in g) for g in self.plan.groups))
-        return [merge_units(qmodel, [base[i] for i in g]) if len(g) > 1 else base[g[0]] for g in self.plan.groups]
+        plan = self.make_plan(qmodel, base, ctx)
+        log.info("mrecg groups (%s): %s", plan.source,
+                 ", ".join("+".join(plan.base_units[i] for i in g) for g in plan.groups))
+        units = [merge_units(qmodel, [base[i] for i in g]) if len(g) > 1 else base[g[0]] for g in plan.groups]
+        return Partition(units, record={"mrecg": plan.record()}, members=plan.groups,
+                         notes=describe_plan(plan, self.params))
 
-    def run(self, ctx: RunContext):
-        qmodel = super().run(ctx)
-        ctx.results["mrecg"] = self.plan.record()
-        for record in ctx.results["units"]:
-            record["members"] = self.plan.groups[record["index"]]
-        return qmodel
+    def unit_kind(self) -> str:
+        return f"{self.params.granularity}, on {self.params.base}"
 
-    def describe(self, ctx: RunContext) -> str:
+    def model_for_plan(self, ctx: RunContext):
         p = self.params
-        probe = p.scheme == "auto" and p.capacity == "loss"
         # The loss capacity needs a calibrated model: a dry run then calibrates and probes (seconds), nothing more.
-        qmodel = self.calibrated_model(ctx, self.phases()) if probe else self.prepare(ctx)[0]
-        units = self.units(qmodel, ctx)
-        return describe_plan(self.plan, p) + f"\n{len(units)} reconstruction units ({p.granularity}, on " \
-                                              f"{p.base}):\n" + describe_units(units)
+        if p.scheme == "auto" and p.capacity == "loss":
+            return self.calibrated_model(ctx, self.phases())
+        return self.prepare(ctx)[0]
 
 
 def describe_plan(plan: Plan, p: MRECGConfig) -> str:

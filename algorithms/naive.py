@@ -6,9 +6,9 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from algorithms.base import Algorithm, AlgorithmConfig, RunContext
-from algorithms.registry import register
-from ptqkit import quantize as pq
+from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
+from ptqkit.algorithms.registry import register
+from ptqkit.quant import prepare as pq
 from ptqkit.schema import spec
 
 

@@ -25,7 +25,6 @@ fewer, larger steps, which pays where a large batch runs more efficiently (a GPU
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -36,20 +35,20 @@ import torch.nn as nn
 import torch.fx as fx
 import torch.nn.functional as F
 
-from algorithms.engine import Hooks, UnitCache, reconstruction_loss
-from algorithms.graph import prefix_module, suffix_module
-from algorithms.qdrop import QDrop
-from algorithms.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
-from algorithms.registry import register
+from ptqkit.algorithms.engine import Hooks, UnitCache, reconstruction_loss
+from ptqkit.algorithms.graph import prefix_module, suffix_module
+from ptqkit.algorithms.qdrop import QDrop
+from ptqkit.quant.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
+from ptqkit.algorithms.registry import register
 from ptqkit.errors import ConfigError
 from ptqkit.quant import kernels
 from ptqkit.schema import spec
 
 log = logging.getLogger(__name__)
 
-# (model name prefix, T, lamb_c) of the reference's run_script.py; anything else gets the ResNet values.
-PD_DEFAULTS_BY_MODEL = (("mobilenet_v2", 1.0, 0.005), ("mnasnet", 1.0, 0.001), ("regnet", 4.0, 0.01))
-PD_DEFAULTS = (4.0, 0.02)
+# The reference's run_script.py values for ResNets; other architectures set theirs in configs/_base_/models
+# (model.algorithm_defaults: MobileNetV2 T 1.0, lamb_c 0.005; MNasNet 1.0, 0.001; RegNetX 4.0, 0.01).
+DEFAULT_T, DEFAULT_LAMB_C = 4.0, 0.02
 BN_EPS = 1e-6                     # the reference's, not the BN layer's own eps
 DC_PATIENCE, DC_MIN_LR = 100, 1e-5
 
@@ -162,8 +161,9 @@ class PDQuantHooks(Hooks):
         self.cache = cache
         return cache
 
-    def extra_loss(self, unit, out_q, idx, it, phase):
+    def extra_loss(self, unit, out_q, batch, it, phase):
         p = self.params
+        idx = batch.idx
         if not p.pd:
             return {}
         if p.pd_output == "shared":
@@ -194,15 +194,16 @@ class PDQuant(QDrop):
         w_lr: float = spec(3e-3, lo=0.0, doc="Adam learning rate of the rounding variables V (PD-Quant: 3e-3)")
         pd: bool = spec(True, doc="prediction difference term")
         lamb_r: float = spec(0.1, doc="prediction difference weight is 1 / lamb_r")
-        T: Optional[float] = spec(None, doc="softmax temperature; null = per architecture (4.0; MobileNetV2, "
-                                            "MNasNet 1.0)")
+        T: Optional[float] = spec(None, doc="softmax temperature; null = the model's algorithm_defaults, else 4.0 "
+                                            "(MobileNetV2, MNasNet 1.0 in configs/_base_/models)")
         pd_output: str = spec("rerun", choices=("rerun", "rerun_nodrop", "shared"),
                               doc="unit output fed to the rest of the network: rerun = the unit again on its "
                                   "quantized input, activation drop on (reference code); rerun_nodrop = the same "
                                   "fully quantized; shared = the reconstruction forward's own output (cheapest)")
         dc: bool = spec(True, doc="distribution correction of each unit's FP input (needs quant.fold_bn false)")
-        lamb_c: Optional[float] = spec(None, doc="DC constraint weight is 1 / lamb_c; null = per architecture "
-                                                 "(0.02; RegNetX 0.01; MobileNetV2 0.005; MNasNet 0.001)")
+        lamb_c: Optional[float] = spec(None, doc="DC constraint weight is 1 / lamb_c; null = the model's "
+                                                 "algorithm_defaults, else 0.02 (RegNetX 0.01, MobileNetV2 0.005, "
+                                                 "MNasNet 0.001 in configs/_base_/models)")
         bn_lr: float = spec(1e-3, doc="DC: Adam learning rate of the corrected input")
         dc_steps: int = spec(500, lo=0, doc="DC: Adam steps per chunk of dc_batch images")
         dc_batch: int = spec(32, lo=1, doc="DC: images corrected together (reference: 32)")
@@ -215,17 +216,11 @@ class PDQuant(QDrop):
 
         def finalize(self, cfg) -> None:
             super().finalize(cfg)
-            name = cfg.model.name
-            T, lamb_c = next(((t, c) for prefix, t, c in PD_DEFAULTS_BY_MODEL if name.startswith(prefix)),
-                             PD_DEFAULTS)
-            self.T = T if self.T is None else self.T
-            self.lamb_c = lamb_c if self.lamb_c is None else self.lamb_c
+            self.T = DEFAULT_T if self.T is None else self.T
+            self.lamb_c = DEFAULT_LAMB_C if self.lamb_c is None else self.lamb_c
             if self.dc and cfg.quant.fold_bn:
                 raise ConfigError("quant.fold_bn", "false when algorithm.dc is true (distribution correction "
                                   "needs the BN layers)", True)
-
-    def phases(self):
-        return [dataclasses.replace(ph, name=ph.name.replace("qdrop", "pdquant")) for ph in super().phases()]
 
     def hooks(self, qmodel, units, ctx):
         fp_logits = None

@@ -39,18 +39,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from algorithms.base import RunContext
-from algorithms.engine import Hooks, Phase, UnitCache, init_act_steps, phase_state, reconstruction_loss
-from algorithms.graph import prefix_module
-from algorithms.quantizers import (ActQuantizer, MultiBitActQuantizer, activation_bits, active_bits,
-                                   fake_quantizers, make_multibit, multibit_quantizers,
-                                   set_activation_bits)
-from algorithms.reconstruction import Reconstruction, ReconstructionConfig
-from algorithms.registry import register
-from algorithms.units import Unit
-from ptqkit import quantize as pq
+from ptqkit.algorithms.base import RunContext
+from ptqkit.algorithms.engine import (DropRule, Hooks, Phase, UnitCache, init_act_steps, phase_state,
+                                      reconstruction_loss)
+from ptqkit.algorithms.graph import prefix_module
+from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.registry import register
+from ptqkit.algorithms.units import Unit
 from ptqkit.errors import ConfigError
-from ptqkit.quant.kernels import keep_mask, mix_rows
+from ptqkit.quant import prepare as pq
+from ptqkit.quant.kernels import keep_mask
+from ptqkit.quant.quantizers import (ActQuantizer, MultiBitActQuantizer, activation_bits, fake_quantizers,
+                                     make_multibit, multibit_quantizers, reset_observer, set_activation_bits)
 from ptqkit.schema import spec
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,9 @@ class PTMQConfig(ReconstructionConfig):
 
     def finalize(self, cfg) -> None:
         super().finalize(cfg)
+        if cfg.quant.a.bits is None:
+            raise ConfigError("quant.a.bits", "a bit-width (PTMQ switches activation bit-widths; weight-only "
+                              "quantization has no activation quantizer)", None)
         if self.act_bits is None:
             w_bits = cfg.quant.w.bits
             if w_bits not in PAPER_BIT_SETS:
@@ -150,7 +153,7 @@ class PTMQHooks(Hooks):
         if self.params.act_init_images > 0:
             # The default bit-width last: quantizers fixed by the conventions keep the range seen at it.
             for bits in sorted(self.bit_set, key=lambda b: b == self.default_bits):
-                with active_bits(quantizers, bits):
+                with activation_bits(quantizers, bits):
                     init_act_steps(module, unit, UnitCache(inputs[bits], None, None), self.params.act_init_images,
                                    self.batch, self.device)
         self._unit_state = (module, cache, phase, quantizers, inputs)
@@ -162,11 +165,9 @@ class PTMQHooks(Hooks):
         drawn = [g[0] if len(g) == 1 else g[int(torch.randint(len(g), ()))] for g in self.groups]
         outs = []
         for bits in drawn:
-            if p.input_prob < 1.0:
-                x = mix_rows(inputs[bits], batch.cache.fp_in, batch.idx, p.input_prob, self.device)
-            else:
-                x = inputs[bits][batch.idx].to(self.device, torch.float32)
-            with active_bits(quantizers, bits):
+            # the phase's drop rule (QDrop's input mix) on the input the deployed model has at these bits
+            x = phase.drop.unit_input(inputs[bits], batch.cache.fp_in, batch.idx, self.device)
+            with activation_bits(quantizers, bits):
                 outs.append(module(x))
         f_low, f_mid, f_high = outs
         blend = p.lambda1 * f_low + p.lambda2 * f_mid + p.lambda3 * f_high
@@ -185,7 +186,7 @@ class PTMQHooks(Hooks):
         with phase_state(self.gm, phase):
             for bits in self.bit_set:
                 total = 0.0
-                with active_bits(quantizers, bits):
+                with activation_bits(quantizers, bits):
                     for start in range(0, len(cache.fp_out), self.batch):
                         x = inputs[bits][start:start + self.batch].to(self.device, torch.float32)
                         target = cache.fp_out[start:start + self.batch].to(self.device, torch.float32)
@@ -195,6 +196,10 @@ class PTMQHooks(Hooks):
         log.info("ptmq %-24s final rec loss %s", unit.name,
                  ", ".join(f"A{b} {e:.5g}" for b, e in errors.items()))
         self._unit_state = None
+
+    def results(self) -> dict:
+        return {"ptmq": {"bit_groups": [list(g) for g in self.groups], "bit_set": self.bit_set,
+                         "active_bits": self.default_bits, "units": self.records}}
 
 
 @register("ptmq")
@@ -212,9 +217,9 @@ class PTMQ(Reconstruction):
 
     def phases(self) -> list[Phase]:
         p = self.params
-        # Inputs are mixed and steps initialised per bit-width by PTMQHooks, not by the engine.
-        return [self.base_phase("ptmq", learn_rounding=True, learn_act_scale=True, quant_acts=True,
-                                keep_prob=p.prob, input_prob=1.0, act_init_images=0)]
+        # Steps are initialised per bit-width by PTMQHooks, and the drop rule applied to each bit-width's input.
+        return [self.base_phase(learn_rounding=True, learn_act_scale=True, quant_acts=True, act_init_images=0,
+                                drop=DropRule(keep_prob=p.prob, input_prob=p.input_prob))]
 
     def prepare(self, ctx: RunContext):
         """The prepared model with every activation quantizer multi-bit, except those the conventions fix."""
@@ -241,37 +246,26 @@ class PTMQ(Reconstruction):
             for bits in passes:
                 with activation_bits(qmodel, bits):
                     for q in multibit_quantizers(qmodel):
-                        obs = q.activation_post_process
-                        obs.min_val = torch.full_like(obs.min_val, float("inf"))
-                        obs.max_val = torch.full_like(obs.max_val, float("-inf"))
+                        reset_observer(q)
                     pq.calibrate(qmodel, images, batch, ctx.device, bar)
         return qmodel
 
     def hooks(self, qmodel, units, ctx: RunContext) -> Hooks:
         p = self.params
         store = ctx.device if p.cache_device == "auto" else torch.device(p.cache_device)
-        self._hooks = PTMQHooks(qmodel, ctx.calib_images, ctx.device, store, getattr(torch, p.cache_dtype),
-                                max(p.batch_size, 64), p, ctx.cfg.quant.a.bits)
-        return self._hooks
+        return PTMQHooks(qmodel, ctx.calib_images, ctx.device, store, getattr(torch, p.cache_dtype),
+                         self.engine_settings(ctx).eval_batch, p, ctx.cfg.quant.a.bits)
 
-    def describe(self, ctx: RunContext) -> str:
-        qmodel, _ = self.prepare(ctx)
+    def notes(self, qmodel) -> str:
         fixed = [f"{n} ({q.bitwidth} bit)" for n, q in fake_quantizers(qmodel)
                  if isinstance(q, ActQuantizer) and not isinstance(q, MultiBitActQuantizer)]
         groups = ", ".join("/".join(map(str, g)) for g in self.groups)
-        return (super().describe(ctx) + f"\nactivation bit groups (low, mid, high): {groups}; "
-                f"{len(multibit_quantizers(qmodel))} multi-bit activation quantizers; fixed by the conventions: "
-                + (", ".join(fixed) or "none"))
-
-    def run(self, ctx: RunContext):
-        qmodel = super().run(ctx)
-        ctx.results["ptmq"] = {"bit_groups": [list(g) for g in self.groups], "bit_set": self.bit_set,
-                               "active_bits": ctx.cfg.quant.a.bits, "units": self._hooks.records}
-        return qmodel
+        return (f"activation bit groups (low, mid, high): {groups}; {len(multibit_quantizers(qmodel))} multi-bit "
+                "activation quantizers; fixed by the conventions: " + (", ".join(fixed) or "none"))
 
     def extra_evaluations(self, ctx: RunContext, qmodel, evaluate) -> dict:
-        """The model at every activation bit-width of its set, FP32 beside (measured here on the same images)."""
-        fp32 = evaluate(ctx.fp_model, "eval fp32")
+        """The model at every activation bit-width of its set, FP32 (the run's, on the same images) beside."""
+        fp32 = ctx.fp32 if ctx.fp32 is not None else evaluate(ctx.fp_model, "eval fp32")
         w_bits, rows = ctx.cfg.quant.w.bits, {}
         for bits in self.bit_set:
             with activation_bits(qmodel, bits):

@@ -3,8 +3,9 @@ randomly dropped, element-wise, inside the unit (`prob` = probability of KEEPING
 element-wise mix of quantized and full-precision unit inputs (`input_prob`)."""
 from dataclasses import dataclass
 
-from algorithms.reconstruction import Reconstruction, ReconstructionConfig
-from algorithms.registry import register
+from ptqkit.algorithms.engine import DropRule
+from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.registry import register
 from ptqkit.schema import spec
 
 
@@ -20,9 +21,9 @@ class QDrop(Reconstruction):
 
     def phases(self):
         p = self.params
-        drop = dict(keep_prob=p.prob, input_prob=p.input_prob, quant_acts=True)
+        drop = DropRule(keep_prob=p.prob, input_prob=p.input_prob)
         if p.order == "together":
-            return [self.base_phase("qdrop", learn_rounding=True, learn_act_scale=True, **drop)]
-        return [self.base_phase("qdrop-weights", learn_rounding=True, learn_act_scale=False, **drop),
-                self.base_phase("qdrop-acts", learn_rounding=False, learn_act_scale=True, act_init_images=0,
-                                **drop)]
+            return [self.base_phase(learn_rounding=True, learn_act_scale=True, drop=drop)]
+        return [self.base_phase(f"{self.name}-weights", learn_rounding=True, learn_act_scale=False, drop=drop),
+                self.base_phase(f"{self.name}-acts", learn_rounding=False, learn_act_scale=True, act_init_images=0,
+                                drop=drop)]

@@ -1,41 +1,35 @@
 """What the reconstruction methods share: their config, and the run — prepare, calibrate, partition, reconstruct.
 
 A method subclasses `Reconstruction` and says only what differs: its `phases()` (which variables learn, with
-which drop rule and for how long), optionally its unit grouping (`units()`) and engine hooks (`hooks()`).
+which drop rule and for how long), optionally its unit grouping (`partition()`), engine hooks (`hooks()`) and
+the notes a dry run prints beside the units (`notes()`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from algorithms.base import Algorithm, AlgorithmConfig, RunContext
-from algorithms.engine import Engine, EngineSettings, Hooks, Phase
-from algorithms.units import GRANULARITIES, Unit, describe_units, partition
-from ptqkit import quantize as pq
-from ptqkit import distributed, resume
+from ptqkit import distributed
+from ptqkit.algorithms import progress
+from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
+from ptqkit.algorithms.engine import Engine, EngineSettings, Hooks, Phase
+from ptqkit.algorithms.units import GRANULARITIES, Unit, describe_units, partition
+from ptqkit.quant import prepare as pq
 from ptqkit.schema import spec
 
-# Rounding-regulariser weight λ by architecture (QDrop / PD-Quant reference configs).
-ROUND_WEIGHT_BY_MODEL = (("mobilenet_v2", 0.1), ("mnasnet", 0.2))
-DEFAULT_ROUND_WEIGHT = 0.01
-
-
-def default_round_weight(model_name: str) -> float:
-    for prefix, value in ROUND_WEIGHT_BY_MODEL:
-        if model_name.startswith(prefix):
-            return value
-    return DEFAULT_ROUND_WEIGHT
+DEFAULT_ROUND_WEIGHT = 0.01   # λ of the ResNet/RegNet references; other architectures set theirs in configs/_base_/models
 
 
 @dataclass
 class ReconstructionConfig(AlgorithmConfig):
     iters: int = spec(20000, lo=1, doc="iterations per unit")
     batch_size: int = spec(32, lo=1, doc="images per iteration, drawn at random from the calibration images")
-    weight: Optional[float] = spec(None, lo=0.0, doc="rounding regulariser λ; null = per architecture "
-                                                     "(0.01; MobileNetV2 0.1; MNasNet 0.2)")
+    weight: Optional[float] = spec(None, lo=0.0, doc="rounding regulariser λ; null = the model's "
+                                                     "algorithm_defaults, else 0.01 (MobileNetV2 0.1 and MNasNet "
+                                                     "0.2 in configs/_base_/models)")
     w_lr: float = spec(1e-3, lo=0.0, doc="Adam learning rate of the rounding variables V")
     a_lr: float = spec(4e-5, lo=0.0, doc="Adam learning rate of the activation step sizes (cosine to 0)")
     warmup: float = spec(0.2, lo=0.0, hi=1.0, doc="share of iterations without the rounding regulariser")
@@ -51,7 +45,16 @@ class ReconstructionConfig(AlgorithmConfig):
 
     def finalize(self, cfg) -> None:
         if self.weight is None:
-            self.weight = default_round_weight(cfg.model.name)
+            self.weight = DEFAULT_ROUND_WEIGHT
+
+
+@dataclass
+class Partition:
+    """A method's reconstruction units, with what it wants recorded about how they were chosen."""
+    units: list[Unit]
+    record: dict = field(default_factory=dict)        # merged into results.json's algorithm_results
+    members: Optional[list[list[int]]] = None         # per unit, the indices of the block units it groups
+    notes: str = ""                                   # printed by a dry run above the unit table
 
 
 class Reconstruction(Algorithm):
@@ -62,23 +65,41 @@ class Reconstruction(Algorithm):
     def phases(self) -> list[Phase]:
         raise NotImplementedError
 
-    def units(self, qmodel, ctx: RunContext) -> list[Unit]:
-        return partition(qmodel, ctx.fp_model, self.params.granularity, ctx.calib_images[:1].to(ctx.device))
+    def partition(self, qmodel, ctx: RunContext) -> Partition:
+        """The units, at the configured granularity."""
+        return Partition(self.block_units(qmodel, ctx))
 
     def hooks(self, qmodel, units: list[Unit], ctx: RunContext) -> Hooks:
         return Hooks()
 
+    def notes(self, qmodel) -> str:
+        """What a dry run prints after the unit table."""
+        return ""
+
+    def unit_kind(self) -> str:
+        """How a dry run names the units in its table's heading."""
+        return self.params.granularity
+
     # ------------------------------------------------------------------------------------- shared parts
-    def base_phase(self, name: str, **overrides) -> Phase:
+    def units(self, qmodel, ctx: RunContext) -> list[Unit]:
+        """The units this method reconstructs (its partition's)."""
+        return self.partition(qmodel, ctx).units
+
+    def block_units(self, qmodel, ctx: RunContext) -> list[Unit]:
+        """The units at the configured granularity, before any method-specific grouping."""
+        return partition(qmodel, ctx.fp_model, self.params.granularity, ctx.calib_images[:1].to(ctx.device))
+
+    def base_phase(self, name: Optional[str] = None, **overrides) -> Phase:
+        """A phase with the method's shared settings; named after the method unless told otherwise."""
         p = self.params
-        values = dict(name=name, iters=p.iters, w_lr=p.w_lr, a_lr=p.a_lr, round_weight=p.weight,
+        values = dict(name=name or self.name, iters=p.iters, w_lr=p.w_lr, a_lr=p.a_lr, round_weight=p.weight,
                       warmup=p.warmup, beta_start=p.beta_start, beta_end=p.beta_end, rec_p=p.rec_p,
                       act_init_images=p.act_init_images)
         values.update(overrides)
         return Phase(**values)
 
     def calibrated_model(self, ctx: RunContext, phases: list[Phase]):
-        qmodel, layout = self.prepare(ctx)
+        qmodel, _ = self.prepare(ctx)
         images = ctx.calib_images
         act_phases = [ph for ph in phases if ph.quant_acts]
         if act_phases and act_phases[0].act_init_images > 0:
@@ -89,36 +110,52 @@ class Reconstruction(Algorithm):
             pq.calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
         return qmodel
 
+    def model_for_plan(self, ctx: RunContext):
+        """The model a dry run partitions (a method whose partition needs calibrated ranges calibrates it)."""
+        return self.prepare(ctx)[0]
+
     def describe(self, ctx: RunContext) -> str:
-        qmodel, _ = self.prepare(ctx)
-        units = self.units(qmodel, ctx)
-        return f"{len(units)} reconstruction units ({self.params.granularity}):\n" + describe_units(units)
+        qmodel = self.model_for_plan(ctx)
+        plan = self.partition(qmodel, ctx)
+        text = (plan.notes + "\n" if plan.notes else "") + \
+            f"{len(plan.units)} reconstruction units ({self.unit_kind()}):\n" + describe_units(plan.units)
+        notes = self.notes(qmodel)
+        return text + ("\n" + notes if notes else "")
+
+    def engine_settings(self, ctx: RunContext) -> EngineSettings:
+        p = self.params
+        return EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
+                              cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
+                              show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
 
     def run(self, ctx: RunContext):
         phases = self.phases()
         qmodel = self.calibrated_model(ctx, phases)
-        units = self.units(qmodel, ctx)
-        p = self.params
-        settings = EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
-                                  cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
-                                  show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
+        plan = self.partition(qmodel, ctx)
+        units = plan.units
+        hooks = self.hooks(qmodel, units, ctx)
         # several processes: each caches and draws from its own calibration batches only
         images = distributed.shard_batches(ctx.calib_images, ctx.cfg.data.calibration.batch_size)
-        engine = Engine(qmodel, units, images, ctx.device, settings, self.hooks(qmodel, units, ctx))
+        engine = Engine(qmodel, units, images, ctx.device, self.engine_settings(ctx), hooks)
         phase_names, unit_names = [ph.name for ph in phases], [u.name for u in units]
         after = (-1, -1)
         if ctx.resume is not None:
-            after = resume.restore_progress(ctx.resume, qmodel, phase_names, unit_names)
+            after = progress.restore_progress(ctx.resume, qmodel, phase_names, unit_names)
             engine.history = list(ctx.resume["history"])
             ctx.log.info("resuming after unit %s of phase %s (%d of %d units done)", unit_names[after[1]],
                          phase_names[after[0]], len(engine.history), len(units) * len(phases))
         on_unit_done = None
         if ctx.run_dir is not None and distributed.is_main():
-            path = resume.progress_path(ctx.run_dir)
+            path = progress.progress_path(ctx.run_dir)
 
             def on_unit_done(p: int, k: int) -> None:
-                resume.save_progress(path, qmodel, p, k, phase_names, unit_names, engine.history)
+                progress.save_progress(path, qmodel, p, k, phase_names, unit_names, engine.history)
         history = engine.run(phases, after, on_unit_done)
+        if plan.members is not None:
+            for record in history:
+                record["members"] = plan.members[record["index"]]
         ctx.results["units"] = history
-        ctx.results["unit_names"] = [u.name for u in units]
+        ctx.results["unit_names"] = unit_names
+        ctx.results.update(plan.record)
+        ctx.results.update(hooks.results())
         return qmodel

@@ -19,18 +19,21 @@ Segments without weights (e.g. the input quantizer) join the next unit.
 """
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 import torch.nn as nn
 import torchvision.models.mnasnet as tv_mnasnet
 import torchvision.models.mobilenetv2 as tv_mbv2
 import torchvision.models.regnet as tv_regnet
 import torchvision.models.resnet as tv_resnet
 
-from algorithms.quantizers import ActQuantizer, WeightQuantizer
-from models import cifar_resnet
+from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer, fp_mode
+from ptqkit.models import cifar_resnet
 from ptqkit.errors import ConfigError
 
 BLOCK_TYPES: tuple[type, ...] = (tv_resnet.BasicBlock, tv_resnet.Bottleneck, cifar_resnet.BasicBlock,
@@ -171,6 +174,15 @@ def partition(gm: fx.GraphModule, fp_model: nn.Module, granularity: str = "block
     units = [_join(gm, g, b) for g, b in zip(groups, group_blocks)]
     if granularity == "stage":
         units = _stages(gm, units, example_input)
+    return _unique_names(units)
+
+
+def _unique_names(units: list[Unit]) -> list[Unit]:
+    """Logs, results and resume records find units by name: a name two units would share gets each one's index."""
+    counts = collections.Counter(u.name for u in units)
+    for k, u in enumerate(units):
+        if counts[u.name] > 1:
+            u.name = f"{u.name}#{k}"
     return units
 
 
@@ -189,9 +201,10 @@ def _stack_chains(merged: list[list[Unit]], max_layers: int = 3) -> list[list[Un
     return out
 
 
-def _name(unit: Unit) -> str:
+def _name(gm: fx.GraphModule, unit: Unit) -> str:
     """The deepest module holding the unit's weight layers and BNs (pooling, dropout and quantizers are often
-    outside it), else its first layer."""
+    outside it) when it holds no other weight layer; else the unit's layers (e.g. MNasNet's stem, three units that
+    are children of one `layers` Sequential: `layers.0`, `layers.3`, `layers.6`)."""
     names = [n for n, m in unit.modules.items()
              if hasattr(m, "weight_fake_quant") or isinstance(m, nn.modules.batchnorm._BatchNorm)]
     common = []
@@ -199,12 +212,18 @@ def _name(unit: Unit) -> str:
         if len(set(items)) != 1:
             break
         common.append(items[0])
-    return ".".join(common) if common else unit.weight_layers[0]
+    owner = ".".join(common)
+    foreign = [n for n, m in gm.named_modules() if hasattr(m, "weight_fake_quant") and
+               n.startswith(owner + ".") and n not in unit.modules]
+    if owner and not foreign:
+        return owner
+    layers = unit.weight_layers
+    return layers[0] if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
 
 
 def _join(gm: fx.GraphModule, group: list[Unit], block: str | None = None) -> Unit:
     unit = make_unit(gm, "", group[0].input, group[-1].output)
-    unit.name = block or _name(unit)
+    unit.name = block or _name(gm, unit)
     return unit
 
 
@@ -221,8 +240,6 @@ def merge_units(gm: fx.GraphModule, units: list[Unit]) -> Unit:
 def _stages(gm: fx.GraphModule, units: list[Unit], example_input) -> list[Unit]:
     if example_input is None:
         raise ValueError("stage granularity needs an example input for spatial sizes")
-    from torch.fx.passes.shape_prop import ShapeProp
-    from algorithms.quantizers import fp_mode
     with fp_mode(gm), torch.no_grad():
         ShapeProp(gm).propagate(example_input[:1])
     groups: list[list[Unit]] = []

@@ -14,7 +14,7 @@ imagenet_pm1), the 1,000 sample images split by the toolkit's data module into a
 500-image evaluation half; 16 and 64 calibration images.
 
 Measured per configuration:
-- calibration seconds: `ptqkit.quantize.calibrate` alone (wall clock);
+- calibration seconds: `ptqkit.quant.prepare.calibrate` alone (wall clock);
 - peak memory: the process's resident-set high-water mark during calibration (reset just before it through
   /proc/self/clear_refs), and its growth over the resident set at the start of calibration;
 - act rel-L2: per activation quantizer sqrt(sum ||Q(x) - x||^2 / sum ||x||^2) over the calibration images, x the
@@ -100,7 +100,7 @@ def logits_of(model, images: torch.Tensor, batch: int) -> torch.Tensor:
 @torch.no_grad()
 def quantizer_errors(qmodel, images: torch.Tensor, batch: int) -> tuple[float, float]:
     """(mean act rel-L2, mean weight rel-L2): each quantizer applied alone to its full-precision input."""
-    from algorithms.quantizers import act_quantizers, fp_mode, weight_quantizers
+    from ptqkit.quant.quantizers import act_quantizers, fp_mode, weight_quantizers
     sums: dict[int, list[float]] = {}
 
     def hook(q, inputs, _output):
@@ -135,14 +135,14 @@ def quantizer_errors(qmodel, images: torch.Tensor, batch: int) -> tuple[float, f
 
 # -------------------------------------------------------------------------------------------- runs
 def load_eval_images(splits, eval_cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    import data
+    from ptqkit import data
     xs, ys = zip(*data.evaluation_loader(splits, eval_cfg))
     return torch.cat(xs), torch.cat(ys)
 
 
 def run_model(model_key: str, bits: str, sizes: list[int], observers: list[str], args) -> tuple[list[dict], dict]:
-    import data
-    from ptqkit import quantize as pq
+    from ptqkit import data
+    from ptqkit.quant import prepare as pq
     from ptqkit.config import validate
     from ptqkit.pipeline import build_fp_model, seed_everything
 

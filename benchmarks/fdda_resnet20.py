@@ -44,7 +44,9 @@ def run_one(name: str, seed: int, out_root: str, extra: list[str]) -> dict | Non
     results = os.path.join(run_dir, "results.json")
     if os.path.exists(results):
         return json.load(open(results))
-    overrides = overrides + [f"runtime.seed={seed}", f"runtime.output_dir={run_dir}", "runtime.save_model=false"]
+    # the run folder relative to the repository: committed files carry no path of the machine that made them
+    overrides = overrides + [f"runtime.seed={seed}", f"runtime.output_dir={os.path.relpath(run_dir, REPO)}",
+                             "runtime.save_model=false"]
     cmd = [sys.executable, "ptq_main.py", "--config", config, "--quiet"]
     for o in overrides + extra:
         cmd += ["--set", o]
@@ -64,7 +66,8 @@ def run_one(name: str, seed: int, out_root: str, extra: list[str]) -> dict | Non
 def row(name: str, seed: int, r: dict) -> str:
     fdda = r.get("algorithm_results", {}).get("fdda", {})
     steps = f"{fdda['generator_steps']} / {fdda['student_steps']}" if fdda else "–"
-    before = r.get("extra_evaluations", {}).get("before_finetuning")
+    # runs written before the figure moved into algorithm_results.fdda keep it under extra_evaluations
+    before = fdda.get("before_finetuning") or r.get("extra_evaluations", {}).get("before_finetuning")
     wall = r.get("wall_seconds")
     return (f"| {name} | {seed} | {r['quant']['top1']:.2f} | {before['top1']:.2f} | " if before else
             f"| {name} | {seed} | {r['quant']['top1']:.2f} | – | ") + (

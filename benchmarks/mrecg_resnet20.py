@@ -9,8 +9,8 @@ reconstruction loss of one seed with and without merging (the oscillation plot).
 Runs go through reconstruction_resnet20.run_one (each its own ptq_main.py process; a run folder holding a
 results.json is reused), into the same folder as that benchmark by default, so its QDrop runs are not repeated.
 Protocol: that benchmark's (1,024 calibration images drawn with seed 1005, batch 32, 2,000 iterations per unit,
-all 10,000 test images), runtime.seed 1005, 1006, 1007. Results: the per-run rows, tools.compare's table (mean ±
-std over seeds) and tools.plot_unit_losses' PNG per bit-width.
+all 10,000 test images), runtime.seed 1005, 1006, 1007. Results: the per-run rows, ptqkit.tools.compare's table (mean ±
+std over seeds) and ptqkit.tools.plot_unit_losses' PNG per bit-width.
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def main() -> int:
     done = [(c, r) for c, r in zip(cells, results) if r is not None]
     run_dir = {c: os.path.join(out_root, f"{c[0]}_{c[1].lower()}_s{c[2]}") for c, _ in done}
 
-    from tools.compare import compare
-    from tools.plot_unit_losses import plot
+    from ptqkit.tools.compare import compare
+    from ptqkit.tools.plot_unit_losses import plot
     report_dir = out_root if args.smoke else os.path.join(os.path.dirname(results_md), "mrecg_resnet20")
     aggregated = ""
     if done:
@@ -92,9 +92,9 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores)"
             + (f"; smoke overrides: {', '.join(SMOKE)}" if args.smoke else "") + ".\n\n"
             f"## Runs\n\n{rr.ROW_HEADER}\n" + "\n".join(rr.row(*c, r) for c, r in done) + "\n\n"
-            f"## Mean ± std over seeds (tools.compare)\n\n{aggregated}\n"
+            f"## Mean ± std over seeds (ptqkit.tools.compare)\n\n{aggregated}\n"
             f"## Groups\n\n" + "\n".join(groups) + "\n\n"
-            f"## Final reconstruction loss per unit, seed {seeds[0]} (tools.plot_unit_losses)\n\n"
+            f"## Final reconstruction loss per unit, seed {seeds[0]} (ptqkit.tools.plot_unit_losses)\n\n"
             + "\n".join(f"- {os.path.relpath(p, os.path.dirname(results_md))}" for p in plots) + "\n")
     rr.write_results(results_md, text)
     print(text)

@@ -182,19 +182,19 @@ def main() -> int:
     if missing:
         text += "\nNot finished: " + ", ".join(missing) + ".\n"
     if not args.cost and done:
-        from tools.compare import compare
-        from tools.plot_unit_losses import plot
+        from ptqkit.tools.compare import compare
+        from ptqkit.tools.plot_unit_losses import plot
         report_dir = out_root if args.smoke else os.path.join(os.path.dirname(results_md), "pdquant_resnet20")
         compare([run_dirs[c] for c, _ in done], report_dir)
         with open(os.path.join(report_dir, "table.md")) as f:
-            text += f"\n## Mean ± std over seeds (tools.compare)\n\n{f.read()}\n"
+            text += f"\n## Mean ± std over seeds (ptqkit.tools.compare)\n\n{f.read()}\n"
         plots = []
         for bits in bits_list:
             loss_runs = [run_dirs[c] for c, _ in done if c[1] == bits and c[2] == seeds[0]]
             if len(loss_runs) > 1:
                 plots.append(plot(loss_runs, os.path.join(report_dir, f"unit_losses_{bits.lower()}.png")))
         text += (f"\n## Final error of each unit's output against the FP network's, seed {seeds[0]}\n\n"
-                 + unit_losses(done, seeds[0]) + "\n\nPlots (tools.plot_unit_losses): "
+                 + unit_losses(done, seeds[0]) + "\n\nPlots (ptqkit.tools.plot_unit_losses): "
                  + ", ".join(os.path.relpath(p, os.path.dirname(results_md)) for p in plots) + "\n")
     rr.write_results(results_md, text)
     print(text)

@@ -62,16 +62,16 @@ def main() -> int:
     import warnings
     warnings.filterwarnings("ignore")
 
-    import data
+    from ptqkit import data
     import torch.nn as nn
-    from algorithms.base import RunContext
-    from algorithms.engine import Engine, EngineSettings, _prefix_values, _run_batched, reconstruction_loss
-    from algorithms.graph import suffix_module, unit_module
-    from algorithms.pdquant import bn_probe, correct_inputs, prediction_difference
-    from algorithms.quantizers import fp_mode
-    from algorithms.registry import get_algorithm
-    from ptqkit import heap, pipeline
-    from ptqkit import quantize as pq
+    from ptqkit.algorithms.base import RunContext
+    from ptqkit.algorithms.engine import Engine, EngineSettings, prefix_values, run_batched, reconstruction_loss
+    from ptqkit.algorithms.graph import suffix_module, unit_module
+    from ptqkit.algorithms.pdquant import bn_probe, correct_inputs, prediction_difference
+    from ptqkit.quant.quantizers import fp_mode
+    from ptqkit.algorithms.registry import get_algorithm
+    from ptqkit.algorithms import heap, pipeline
+    from ptqkit.quant import prepare as pq
     from ptqkit.config import validate
 
     load_start = os.getloadavg()
@@ -100,8 +100,8 @@ def main() -> int:
             suffix = suffix_module(qm, unit.output)
             weights = [layer.weight for layer, _ in unit.weight_quantizers]
             with fp_mode(qm):
-                (x,) = _prefix_values(qm, [unit.input], calib, 64, device, device, torch.float32)
-                target = _run_batched(module, x, 64, device, device, torch.float32)
+                (x,) = prefix_values(qm, [unit.input], calib, 64, device, device, torch.float32)
+                target = run_batched(module, x, 64, device, device, torch.float32)
             for param in qm.parameters():   # the engine's convention: nothing learns but what it asks for
                 param.requires_grad_(False)
             for w in weights:

@@ -39,6 +39,8 @@ def finished(method: str, bits: str, seed: int, out_root: str) -> dict | None:
 
 def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], threads: int = 0) -> dict | None:
     w, a = bits[1:].split("A")
+    a = "null" if a == "32" else a      # W*A32: weight-only, no activation quantizer
+    a = "null" if a == "32" else a   # W*A32: weight-only
     run_dir = run_folder(method, bits, seed, out_root)
     results = os.path.join(run_dir, "results.json")
     done = finished(method, bits, seed, out_root)
@@ -48,8 +50,9 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
     if os.path.isdir(run_dir) and not resume:
         # Interrupted before its first unit was saved: start it again in the same folder.
         shutil.rmtree(run_dir)
+    # the run folder relative to the repository: committed files carry no path of the machine that made them
     overrides = [f"quant.w.bits={w}", f"quant.a.bits={a}", f"runtime.seed={seed}",
-                 f"runtime.output_dir={run_dir}", "runtime.save_model=false"]
+                 f"runtime.output_dir={os.path.relpath(run_dir, REPO)}", "runtime.save_model=false"]
     if method == "naive":
         overrides.append("algorithm.calib_images=null")  # naive observes all 1,024 calibration images here
     env = dict(os.environ)

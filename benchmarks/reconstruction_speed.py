@@ -57,7 +57,7 @@ def to_stock_mqbench(qmodel) -> None:
     """Every ptqkit quantizer back to the MQBench class it derives from; the state stays as calibrated."""
     from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize
     from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize
-    from algorithms.quantizers import ActQuantizer, WeightQuantizer, fake_quantizers
+    from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer, fake_quantizers
     for _, q in fake_quantizers(qmodel):
         if isinstance(q, WeightQuantizer):
             q.__class__ = AdaRoundFakeQuantize
@@ -83,9 +83,9 @@ def measure(fn):
 
 def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn) -> list[float]:
     """Seconds per iteration of each unit's FP32 forward + backward (weight gradients only), quantizers off."""
-    from algorithms.engine import _prefix_values, _run_batched
-    from algorithms.graph import unit_module
-    from algorithms.quantizers import fp_mode
+    from ptqkit.algorithms.engine import prefix_values, run_batched
+    from ptqkit.algorithms.graph import unit_module
+    from ptqkit.quant.quantizers import fp_mode
     floors = []
     for param in qmodel.parameters():   # the engine's convention: nothing learns but what it asks for
         param.requires_grad_(False)
@@ -93,8 +93,8 @@ def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn) 
         module = unit_module(qmodel, unit)
         weights = [layer.weight for layer, _ in unit.weight_quantizers]
         with fp_mode(qmodel):
-            (inputs,) = _prefix_values(qmodel, [unit.input], images, 64, device, device, torch.float32)
-            targets = _run_batched(module, inputs, 64, device, device, torch.float32)
+            (inputs,) = prefix_values(qmodel, [unit.input], images, 64, device, device, torch.float32)
+            targets = run_batched(module, inputs, 64, device, device, torch.float32)
             saved = [w.requires_grad for w in weights]
             for w in weights:
                 w.requires_grad_(True)
@@ -159,13 +159,13 @@ def main() -> int:
     import warnings
     warnings.filterwarnings("ignore")
 
-    import data
+    from ptqkit import data
     import mqbench.advanced_ptq as mq_ptq
-    from algorithms.base import RunContext
-    from algorithms.engine import Engine, EngineSettings, reconstruction_loss
-    from algorithms.registry import get_algorithm
-    from ptqkit import heap, pipeline
-    from ptqkit import quantize as pq
+    from ptqkit.algorithms.base import RunContext
+    from ptqkit.algorithms.engine import Engine, EngineSettings, reconstruction_loss
+    from ptqkit.algorithms.registry import get_algorithm
+    from ptqkit.algorithms import heap, pipeline
+    from ptqkit.quant import prepare as pq
     from ptqkit.config import validate
 
     load_start = os.getloadavg()

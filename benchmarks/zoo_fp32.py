@@ -35,8 +35,8 @@ MODELS = {
 
 @torch.no_grad()
 def evaluate(name: str, batch_size: int) -> dict:
-    import data
-    from models import build_model, load_checkpoint
+    from ptqkit import data
+    from ptqkit.models import build_model, load_checkpoint
     from ptqkit.pipeline import evaluate as top_k
     checkpoint, folder, preset, stated = MODELS[name]
     start = time.perf_counter()

@@ -64,8 +64,8 @@ def preprocessing(preset: str):
 def normalise(batch: torch.Tensor, preset: str) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float: ToTensor's x / 255, then Normalize's (x - mean) / std, on the whole batch."""
     _, mean, std = _preset(preset)
-    mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(-1, 1, 1)
     return batch.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
@@ -243,16 +243,23 @@ class EvaluationSet:
     def __iter__(self):
         return self.batches()
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, device=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised float batches and labels; with a `device`, the uint8 images go there first (a quarter of the
+        bytes to move) and are normalised there."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        cuda = device.type == "cuda"
         if self.images is not None:
-            for start in range(0, len(self.images), self.batch_size):
-                yield (normalise(self.images[start:start + self.batch_size], self.preset),
-                       self.labels[start:start + self.batch_size])
+            if cuda and not self.images.is_pinned():
+                self.images = self.images.pin_memory()   # once: page-locked host memory copies asynchronously
+            images = self.images
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start:start + self.batch_size].to(device, non_blocking=True)
+                yield normalise(batch, self.preset), self.labels[start:start + self.batch_size]
             return
         loader = DataLoader(_Streamed(self.folder, self.indices, self.preset), batch_size=self.batch_size,
-                            num_workers=self.workers, collate_fn=_collate, persistent_workers=False)
+                            num_workers=self.workers, collate_fn=_collate, persistent_workers=False, pin_memory=cuda)
         for images, labels in loader:
-            yield normalise(images, self.preset), labels
+            yield normalise(images.to(device, non_blocking=True), self.preset), labels
 
 
 def evaluation_loader(splits: Splits, eval_cfg, shard=None) -> EvaluationSet:

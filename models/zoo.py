@@ -9,8 +9,9 @@ import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models.regnet import BlockParams, RegNet
 
-from models.cifar_resnet import CifarResNet
-from models.mobilenet_v1 import MobileNetV1
+from ptqkit.errors import ConfigError
+from ptqkit.models.cifar_resnet import CifarResNet
+from ptqkit.models.mobilenet_v1 import MobileNetV1
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -26,7 +27,6 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    from ptqkit.errors import ConfigError
     if name not in _BUILDERS:
         raise ConfigError("model.name", "one of: " + ", ".join(available_models()), name)
     try:

@@ -7,16 +7,21 @@ Relative paths in a config are taken relative to the current working directory (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import yaml
 
+from ptqkit import algorithms  # noqa: F401  (registers every shipped method)
+from ptqkit.algorithms.registry import get_algorithm, registered_algorithms
 from ptqkit.errors import ConfigError, UserError
-from ptqkit.schema import build, spec, to_dict
+from ptqkit.models import available_models
+from ptqkit.schema import build, check_field, convert, spec, to_dict
 
-OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse", "hist_mse")  # hist_mse: fast MSE search, ptqkit.observers
+OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse", "hist_mse")  # hist_mse: fast MSE search, ptqkit.quant.observers
 PRESETS = ("imagenet", "cifar10", "imagenet_pm1")
 BACKENDS = ("academic",)
 
@@ -25,13 +30,17 @@ BACKENDS = ("academic",)
 class ModelConfig:
     name: str = spec(doc="model zoo name, e.g. cifar_resnet20, resnet18, mobilenet_v2")
     checkpoint: Optional[str] = spec(None, exists="file",
-                                     doc="state_dict file (bare, or a dict holding 'state_dict'/'model')")
+                                     doc="state_dict file (bare, or a dict holding 'state_dict'/'model'); the names of BRECQ's and "
+                                         "timm's released files are recognised and mapped onto the zoo's modules")
     kwargs: dict = spec(factory=dict, doc="keyword arguments of the model builder, e.g. {num_classes: 10}")
     leaf_modules: list[str] = spec(factory=list,
                                    doc="module class names torch.fx must not trace into (for untraceable code)")
+    algorithm_defaults: dict = spec(factory=dict, doc="this architecture's values of algorithm keys a config "
+                                                      "leaves null, e.g. {weight: 0.1, T: 1.0, lamb_c: 0.005} "
+                                                      "(configs/_base_/models): the references tune λ, PD-Quant's "
+                                                      "T and lamb_c per architecture")
 
     def check(self, path):
-        from models import available_models
         if self.name not in available_models():
             raise ConfigError(f"{path}.name", "one of: " + ", ".join(available_models()), self.name)
 
@@ -90,8 +99,14 @@ class TensorQuant:
     symmetric: bool = spec(False)
     observer: str = spec("hist_mse", choices=OBSERVERS,
                          doc="minmax, ema_minmax; mse / ema_mse (MQBench's searches, slow); hist_mse (the same "
-                             "search from a histogram, 20-90x faster, ptqkit.observers)")
+                             "search from a histogram, 20-90x faster, ptqkit.quant.observers)")
     p: float = spec(2.0, lo=1.0, hi=4.0, doc="norm of the MSE observers' range search (2.4 in BRECQ/QDrop)")
+
+
+@dataclass
+class ActivationQuant(TensorQuant):
+    bits: Optional[int] = spec(4, lo=2, hi=8, doc="null = no activation quantizer anywhere (weight-only "
+                                                  "quantization, the W*A32 rows of the AdaRound and BRECQ tables)")
 
 
 def _weights_default():
@@ -102,7 +117,7 @@ def _weights_default():
 class QuantConfig:
     backend: str = spec("academic", choices=BACKENDS, doc="MQBench backend")
     w: TensorQuant = spec(factory=_weights_default, doc="weights")
-    a: TensorQuant = spec(factory=TensorQuant, doc="activations")
+    a: ActivationQuant = spec(factory=ActivationQuant, doc="activations")
     first_layer_w_bits: Optional[int] = spec(8, lo=2, hi=8, doc="first conv's weight bits; null = w.bits")
     last_layer_w_bits: Optional[int] = spec(8, lo=2, hi=8, doc="last layer's weight bits; null = w.bits")
     last_layer_a_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the last layer's input; null = a.bits")
@@ -125,7 +140,7 @@ class RuntimeConfig:
                                       "and torch version (a key in the cache folder, ptqkit.cache); false = "
                                       "measure it again")
     retain_cpu_heap: bool = spec(True, doc="on CPU with glibc, keep freed memory in the heap during reconstruction "
-                                           "instead of unmapping it (ptqkit/heap.py); false = glibc's default")
+                                           "instead of unmapping it (algorithms/heap.py); false = glibc's default")
 
 
 @dataclass
@@ -216,8 +231,6 @@ def apply_overrides(tree: dict, overrides) -> dict:
 
 def validate(tree: dict) -> Config:
     """Check the whole merged tree and build the typed config. Raises ConfigError on the first problem."""
-    from algorithms.registry import get_algorithm
-
     unknown = [k for k in tree if k not in SECTIONS]
     if unknown:
         raise ConfigError(str(unknown[0]), "a known section (one of: " + ", ".join(SECTIONS) + ")",
@@ -234,11 +247,28 @@ def validate(tree: dict) -> Config:
     algo_cls = get_algorithm(name)
     params = build(algo_cls.Config, algo_tree, "algorithm")
     params.name = name
+    apply_algorithm_defaults(params, model.algorithm_defaults)
     cfg = Config(model=model, data=data, quant=quant, algorithm=params, runtime=runtime)
-    finalize = getattr(params, "finalize", None)
-    if finalize is not None:
-        finalize(cfg)
+    params.finalize(cfg)
     return cfg
+
+
+def _keys(config_cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls) if f.init}
+
+
+def apply_algorithm_defaults(params, defaults: dict) -> None:
+    """The model's per-architecture values for the algorithm keys this method has and the config left null; a key
+    no registered method has is a typo, refused."""
+    known = set().union(*(_keys(get_algorithm(n).Config) for n in registered_algorithms()))
+    for key, value in defaults.items():
+        if key not in known:
+            raise ConfigError(f"model.algorithm_defaults.{key}", "a key of some registered algorithm", value)
+        if key in _keys(type(params)) and getattr(params, key) is None:
+            field = next(f for f in dataclasses.fields(params) if f.name == key)
+            hints = typing.get_type_hints(type(params))
+            setattr(params, key, convert(value, hints[key], f"model.algorithm_defaults.{key}"))
+            check_field(getattr(params, key), field.metadata, f"model.algorithm_defaults.{key}")
 
 
 def load_config(path: str, overrides=()) -> Config:

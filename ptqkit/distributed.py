@@ -3,7 +3,7 @@
 What is split and what is kept the same:
 - calibration images are sharded (rank r takes calibration batches r, r + N, ...); every process holds and caches
   only its shard, so the unit caches shrink N-fold;
-- observers: MinMax and MSE ranges are unions of per-batch ranges, so each process observes its batches and the
+- observers (ptqkit.quant.prepare.merge_ranges): MinMax and MSE ranges are unions of per-batch ranges, so each process observes its batches and the
   ranges are merged with an all-reduce (min of minima, max of maxima): the same ranges one process gets. The
   histogram MSE observer's histograms are gathered and summed (bins of power-of-two widths merge exactly), and the
   range is searched over all of them: the search one process makes over the same values, on a bin layout that may
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import mqbench.utils.utils as mq_utils
 import torch
 import torch.distributed as dist
 
@@ -55,7 +56,6 @@ def init(device_name: str) -> torch.device | None:
     # MQBench averages scales over processes inside every observed forward when it sees a process group at import
     # time: a hidden collective that deadlocks when processes observe different numbers of batches. Ranges are
     # merged here instead (union, as one process would get them).
-    import mqbench.utils.utils as mq_utils
     mq_utils.USE_DDP = False
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -83,15 +83,37 @@ def shard_indices(indices: list) -> list:
     return indices[rank()::world_size()]
 
 
+def backend_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this process's GPU for NCCL, the CPU for gloo."""
+    if world_size() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_backend(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the backend's device (itself when it is there already). Every collective below goes through this:
+    NCCL refuses CPU tensors, gloo CUDA ones (tests/test_distributed.py checks each collective does)."""
+    return t.to(backend_device())
+
+
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
+    on_backend = to_backend(t)
+    dist.all_reduce(on_backend, op=op)
+    if on_backend is not t:
+        t.copy_(on_backend)
+    return t
+
+
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In place: the sum (or `op`) of `t` over every process, wherever `t` lives."""
     if world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        _reduce(t, op or dist.ReduceOp.SUM)
     return t
 
 
 def average(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
-        dist.all_reduce(t)
+        _reduce(t, dist.ReduceOp.SUM)
         t /= world_size()
     return t
 
@@ -113,40 +135,26 @@ def average_gradients(params) -> None:
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:
-    """The concatenation, in rank order, of every process's `t` (first dimension may differ)."""
+    """The concatenation, in rank order, of every process's `t` (first dimension may differ), where `t` lives."""
     if world_size() == 1:
         return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([len(t)], device=t.device))
+    sizes = [to_backend(torch.zeros(1, dtype=torch.long)) for _ in range(world_size())]
+    dist.all_gather(sizes, to_backend(torch.tensor([len(t)])))
     largest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((largest,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[:len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(world_size())]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+    padded = torch.zeros((largest,) + tuple(t.shape[1:]), dtype=t.dtype)
+    padded[:len(t)] = t.cpu()
+    parts = [to_backend(torch.empty_like(padded)) for _ in range(world_size())]
+    dist.all_gather(parts, to_backend(padded))
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(t.device)
 
 
-@torch.no_grad()
-def merge_ranges(quantizers) -> None:
-    """Every process's observations merged, and the scale / zero point recomputed from them: the union of the
-    ranges (MinMax, MSE), or of the histograms (hist_mse: the search then runs over all processes' values)."""
+def all_gather_object(obj) -> list:
+    """Every process's `obj`, in rank order."""
     if world_size() == 1:
-        return
-    for q in quantizers:
-        obs = q.activation_post_process
-        if hasattr(obs, "merge_histograms") and obs.ch_axis == -1:
-            states = [None] * world_size()
-            dist.all_gather_object(states, obs.histogram_state())
-            obs.merge_histograms(states)
-        else:
-            all_reduce(obs.min_val, dist.ReduceOp.MIN)
-            all_reduce(obs.max_val, dist.ReduceOp.MAX)
-        scale, zero_point = q.calculate_qparams()
-        if q.scale.shape != scale.shape:
-            q.scale.data = torch.ones_like(scale)
-            q.zero_point.resize_(zero_point.shape)
-        q.scale.data.copy_(scale.to(q.scale.device))
-        q.zero_point.copy_(zero_point.to(q.zero_point.device))
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj):

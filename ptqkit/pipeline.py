@@ -5,6 +5,7 @@ The FP32 and quantized accuracies are always measured on the same images in the 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import logging
 import os
@@ -14,18 +15,25 @@ import resource
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ptqkit import data, distributed
+from ptqkit.algorithms.base import RunContext
+from ptqkit.algorithms.registry import get_algorithm, multi_process_algorithms
 from ptqkit.cache import cache_dir
 from ptqkit.config import Config, dump_config
+from ptqkit.errors import ConfigError
+from ptqkit.models import build_model, load_checkpoint
+from ptqkit.quant.prepare import trace_check
+from ptqkit.saving import save_quantized
 
 log = logging.getLogger("ptq")
 
 
 def versions() -> dict:
-    import importlib.metadata as md
     out = {"python": platform.python_version()}
     for pkg in ("torch", "torchvision", "mqbench-torch2"):
         try:
@@ -39,7 +47,6 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from ptqkit.errors import ConfigError
         raise ConfigError("runtime.device", "cpu or auto (no CUDA device is visible)", name)
     return torch.device(name)
 
@@ -47,11 +54,7 @@ def select_device(name: str) -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2 ** 32)
-    except ImportError:
-        pass
+    np.random.seed(seed % 2 ** 32)
 
 
 def peak_memory_mb(device: torch.device) -> dict:
@@ -82,14 +85,16 @@ def write_json(path: str, obj) -> None:
 def evaluate(model: nn.Module, loader, device, desc: str = "eval", show_progress: bool = True) -> dict:
     model.eval()
     correct1 = correct5 = total = 0
-    for images, labels in tqdm(loader, desc=desc, unit="batch", disable=not show_progress, leave=False):
+    batches = loader.batches(device) if hasattr(loader, "batches") else loader
+    for images, labels in tqdm(batches, total=len(loader), desc=desc, unit="batch", disable=not show_progress,
+                               leave=False):
         logits = model(images.to(device))
         labels = labels.to(device)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
         total += labels.numel()
-    from ptqkit import distributed  # several processes evaluate a shard each
+    # several processes evaluate a shard each
     correct1, correct5, total = distributed.all_reduce(torch.tensor([correct1, correct5, total])).tolist()
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
 
@@ -140,10 +145,12 @@ class PhaseTimer:
 
 
 def build_fp_model(cfg: Config, device) -> nn.Module:
-    from models import build_model, load_checkpoint
     model = build_model(cfg.model.name, **cfg.model.kwargs)
     if cfg.model.checkpoint:
-        load_checkpoint(model, cfg.model.checkpoint, cfg.model.name)
+        naming = load_checkpoint(model, cfg.model.checkpoint, cfg.model.name)
+        if naming is not None:
+            log.info("checkpoint %s: %s names, mapped onto the zoo's %s", cfg.model.checkpoint, naming,
+                     cfg.model.name)
     else:
         log.warning("model.checkpoint is null: the model has random weights, its accuracy means nothing")
     return model.eval().to(device)
@@ -151,16 +158,14 @@ def build_fp_model(cfg: Config, device) -> nn.Module:
 
 def quant_summary(cfg: Config) -> str:
     q = cfg.quant
-    return f"W{q.w.bits}A{q.a.bits}"
+    return f"W{q.w.bits}A{32 if q.a.bits is None else q.a.bits}"   # A32: activations in full precision
 
 
 def check_multi_process(cfg: Config, algorithm_cls) -> None:
-    from ptqkit.distributed import MERGEABLE_OBSERVERS
-    from ptqkit.errors import ConfigError
     if not algorithm_cls.multi_process:
-        raise ConfigError("algorithm.name", "an algorithm that runs under torchrun (naive, adaround, brecq, "
-                          "brecq_joint, qdrop)", cfg.algorithm.name)
-    if cfg.quant.a.observer not in MERGEABLE_OBSERVERS:
+        raise ConfigError("algorithm.name", "an algorithm that runs under torchrun ("
+                          + ", ".join(multi_process_algorithms()) + ")", cfg.algorithm.name)
+    if cfg.quant.a.observer not in distributed.MERGEABLE_OBSERVERS:
         raise ConfigError("quant.a.observer", "minmax, mse or hist_mse under torchrun (EMA observers depend on the "
                           "order of batches, which processes split)", cfg.quant.a.observer)
 
@@ -168,7 +173,7 @@ def check_multi_process(cfg: Config, algorithm_cls) -> None:
 @contextmanager
 def torch_threads(n: int | None):
     """Inside: torch's intra-op thread count is `n` (None or 0: unchanged). Restored on exit, so that a run started
-    from Python (tools.sweep, a notebook, the tests) leaves its caller's setting as it found it."""
+    from Python (ptqkit.tools.sweep, a notebook, the tests) leaves its caller's setting as it found it."""
     previous = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -180,19 +185,15 @@ def torch_threads(n: int | None):
 
 def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True,
         resume: dict | None = None) -> dict:
-    """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.resume.read_progress)."""
+    """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.algorithms.progress)."""
     with torch_threads(cfg.runtime.threads):
         return _run(cfg, run_dir, dry_run=dry_run, show_progress=show_progress, resume=resume)
 
 
 def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resume: dict | None) -> dict:
-    import data
-    from algorithms.base import RunContext
-    from algorithms.registry import get_algorithm
-
-    from ptqkit import distributed
-    seed_everything(cfg.runtime.seed)
     device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
+    # one stream per process: each draws its own batches and drop masks (rank 0 is the single-process run)
+    seed_everything(cfg.runtime.seed + distributed.rank())
     timer = PhaseTimer()
     algorithm_cls = get_algorithm(cfg.algorithm.name)
     if distributed.world_size() > 1:
@@ -203,7 +204,6 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
 
     with timer("model"):  # before the data: a mismatched checkpoint should fail in a second
         fp_model = build_fp_model(cfg, device)
-        from ptqkit.quantize import trace_check
         trace_check(fp_model, cfg.model.leaf_modules)
     with timer("data"):
         splits = data.make_splits(cfg.data)
@@ -218,7 +218,8 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
              len(splits.evaluation_indices), device,
              f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     if dry_run:
-        return {"dry_run": algorithm.describe(ctx) if hasattr(algorithm, "describe") else None}
+        return {"dry_run": algorithm.describe(ctx)}
+    ctx.evaluate = lambda model, desc: evaluate(model, loader, device, desc, show_progress)
 
     with timer("fp32_eval"):
         # several processes evaluate a shard each: a reused figure would leave the others alone in the all-reduce
@@ -226,19 +227,17 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
         fp32, fp32_reused = evaluate_fp32(fp_model, loader, device, show_progress, reuse)
     log.info("FP32 top-1 %.2f %% (top-5 %.2f %%) on %d images%s", fp32["top1"], fp32["top5"], fp32["images"],
              " (reused: measured by an earlier run on the same model and images)" if fp32_reused else "")
+    ctx.fp32 = fp32
     with timer("quantize"):
         qmodel = algorithm.run(ctx)
     if cfg.runtime.save_model and distributed.is_main():
         with timer("save"):   # before the evaluation: whatever happens there, the work is kept
-            from ptqkit.saving import save_quantized
             save_quantized(qmodel, cfg, os.path.join(run_dir, "quantized_model.pt"))
     with timer("quant_eval"):
         quant = evaluate(qmodel, loader, device, "eval quant", show_progress)
     log.info("%s %s top-1 %.2f %% (FP32 %.2f %% on the same %d images)", cfg.algorithm.name, quant_summary(cfg),
              quant["top1"], fp32["top1"], quant["images"])
-    extra_evals = getattr(algorithm, "extra_evaluations", None)
-    extra = extra_evals(ctx, qmodel, lambda m, desc: evaluate(m, loader, device, desc, show_progress)) \
-        if extra_evals else None
+    extra = algorithm.extra_evaluations(ctx, qmodel, ctx.evaluate)
     results = {
         "model": cfg.model.name, "algorithm": cfg.algorithm.name, "bits": quant_summary(cfg),
         "fp32": fp32, "fp32_reused": fp32_reused, "quant": quant, "drop_top1": round(fp32["top1"] - quant["top1"], 3),

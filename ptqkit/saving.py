@@ -14,102 +14,26 @@ than `load_state_dict`:
 """
 from __future__ import annotations
 
-import os
-
-import torch
 import torch.nn as nn
 
+from ptqkit.config import validate
 from ptqkit.errors import CheckpointError
+from ptqkit.files import read_blob, save_atomic
+from ptqkit.models import build_model
+from ptqkit.quant.prepare import prepare_quantized
+from ptqkit.quant.quantizers import fake_quantizers, make_multibit
+from ptqkit.quant.state import match_quantizer_shapes, quantizer_attrs, restore_attrs
 
 FORMAT = "ptqkit-quantized-v1"
 
 
-def _quantizer_attrs(qmodel: nn.Module) -> dict:
-    from algorithms.quantizers import ActQuantizer, MultiBitActQuantizer, WeightQuantizer, fake_quantizers
-    attrs = {}
-    for name, q in fake_quantizers(qmodel):
-        entry = {"quant_min": int(q.quant_min), "quant_max": int(q.quant_max), "bitwidth": int(q.bitwidth)}
-        if isinstance(q, ActQuantizer):
-            entry["keep_prob"] = float(q.keep_prob)
-        if isinstance(q, MultiBitActQuantizer):
-            entry["bit_set"] = list(q.bit_set)
-        if isinstance(q, WeightQuantizer) and getattr(q, "adaround", False):
-            entry["learned_rounding"] = True
-            entry["round_mode"] = str(q.round_mode)
-            entry["gamma"], entry["zeta"] = float(q.gamma), float(q.zeta)
-        attrs[name] = entry
-    return attrs
-
-
 def save_quantized(qmodel: nn.Module, cfg, path: str) -> None:
-    blob = {"format": FORMAT, "config": cfg.to_dict(), "state_dict": qmodel.state_dict(),
-            "quantizers": _quantizer_attrs(qmodel)}
-    tmp = path + ".tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-
-
-def _restore_attrs(quantizers: dict, attrs: dict, state: dict, path: str) -> None:
-    for name, entry in attrs.items():
-        q = quantizers.get(name)
-        if q is None:
-            raise CheckpointError(f"quantized model '{path}': quantizer '{name}' does not exist in the model "
-                                  "its config builds")
-        q.quant_min, q.quant_max, q.bitwidth = entry["quant_min"], entry["quant_max"], entry["bitwidth"]
-        q.activation_post_process.quant_min = entry["quant_min"]
-        q.activation_post_process.quant_max = entry["quant_max"]
-        if "keep_prob" in entry:
-            q.keep_prob = entry["keep_prob"]
-        if entry.get("learned_rounding"):
-            alpha = state.get(f"{name}.alpha")
-            if alpha is None:
-                raise CheckpointError(f"quantized model '{path}': quantizer '{name}' is in learned-rounding mode "
-                                      "but its alpha is not saved")
-            q.adaround, q.round_mode = True, entry["round_mode"]
-            q.gamma, q.zeta = entry["gamma"], entry["zeta"]
-            q.alpha = nn.Parameter(torch.empty_like(alpha))
-
-
-def _match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> None:
-    """Give per-channel tensors inside quantizers (scale, zero point, observer min/max) their saved shapes."""
-    modules = dict(qmodel.named_modules())
-    prefixes = tuple(n + "." for n in quantizer_names)
-    for key, saved in state.items():
-        if not key.startswith(prefixes):
-            continue
-        owner_name, attr = key.rsplit(".", 1)
-        owner = modules.get(owner_name)
-        if owner is None:
-            continue
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            param = owner._parameters[attr]
-            if param.shape != saved.shape:
-                param.data = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
-        elif attr in owner._buffers and owner._buffers[attr] is not None:
-            buf = owner._buffers[attr]
-            if buf.shape != saved.shape:
-                owner._buffers[attr] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
-
-
-def read_blob(path: str, what: str, fmt: str, writer: str, missing_hint: str = "") -> dict:
-    """A file this toolkit wrote with `torch.save`, read weights-only; any problem is one CheckpointError line."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} '{path}': not found{missing_hint}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{what} '{path}': cannot be read ({str(exc).splitlines()[0]})") from None
-    if not isinstance(blob, dict) or blob.get("format") != fmt:
-        raise CheckpointError(f"{what} '{path}': not a file written by {writer} ({fmt})")
-    return blob
+    save_atomic({"format": FORMAT, "config": cfg.to_dict(), "state_dict": qmodel.state_dict(),
+                 "quantizers": quantizer_attrs(qmodel)}, path)
 
 
 def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     """The quantized model (as it was evaluated when saved, observers off, eval mode) and its config."""
-    from algorithms.quantizers import fake_quantizers, make_multibit
-    from models import build_model
-    from ptqkit.config import validate
-    from ptqkit.quantize import prepare_quantized
     blob = read_blob(path, "quantized model", FORMAT, "save_quantized")
     cfg = validate(blob["config"])
     fp = build_model(cfg.model.name, **cfg.model.kwargs).eval()
@@ -123,8 +47,8 @@ def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
             make_multibit(qmodel, name, entry["bit_set"], entry["bitwidth"])
     quantizers = dict(fake_quantizers(qmodel))
     # Files saved before the attributes were recorded rely on the config's bit conventions alone.
-    _restore_attrs(quantizers, attrs, state, path)
-    _match_quantizer_shapes(qmodel, quantizers, state)
+    restore_attrs(quantizers, attrs, state, path)
+    match_quantizer_shapes(qmodel, quantizers, state)
     try:
         missing, unexpected = qmodel.load_state_dict(state, strict=False)
     except RuntimeError as exc:

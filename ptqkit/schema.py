@@ -51,21 +51,20 @@ def _type_name(tp) -> str:
             Any: "a value (see its meaning)"}.get(tp, str(tp))
 
 
-def _convert(value, tp, path: str):
+def convert(value, tp, path: str):
     """Check `value` against the annotation `tp`; return the converted value."""
     origin = typing.get_origin(tp)
     if origin is Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, path)
-            except ConfigError as exc:
-                errors.append(exc)
+                return convert(value, arg, path)
+            except ConfigError:
+                continue
         raise ConfigError(path, _type_name(tp), value)
     if tp is Any:
         return value
@@ -77,7 +76,7 @@ def _convert(value, tp, path: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(path, _type_name(tp), value)
         (arg, *_) = typing.get_args(tp) or (Any,)
-        return [_convert(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [convert(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, "a mapping", value)
@@ -101,7 +100,7 @@ def _convert(value, tp, path: str):
     raise TypeError(f"unsupported annotation {tp!r} at {path}")
 
 
-def _check_meta(value, meta, path: str):
+def check_field(value, meta, path: str):
     if value is None:
         return
     lo, hi, choices, exists = meta.get("lo"), meta.get("hi"), meta.get("choices"), meta.get("exists")
@@ -133,14 +132,14 @@ def build(cls, mapping: dict, path: str = ""):
     for name, f in fields.items():
         key = f"{path}.{name}" if path else name
         if name in mapping:
-            value = _convert(mapping[name], hints[name], key)
+            value = convert(mapping[name], hints[name], key)
         elif f.default is not _MISSING:
             value = f.default
         elif f.default_factory is not _MISSING:
             value = f.default_factory()
         else:
             raise ConfigError(key, f"{_type_name(hints[name])} (required)", show_actual=False)
-        _check_meta(value, f.metadata, key)
+        check_field(value, f.metadata, key)
         kwargs[name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -160,17 +159,21 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def describe(cls, path: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) rows for the README's config reference."""
+def describe(cls, path: str = "", defaults: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) rows for the config reference. A nested section's defaults are those of the
+    instance its field's factory makes (e.g. `quant.w` is per-channel by default, unlike `quant.a`)."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{path}.{f.name}" if path else f.name
         tp = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not _MISSING else (
+                f.default_factory() if f.default_factory is not _MISSING else "(required)")
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key))
+            rows.extend(describe(tp, key, default if dataclasses.is_dataclass(default) else None))
             continue
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else "(required)")
         rows.append((key, _type_name(tp), default, f.metadata.get("doc", "")))
     return rows

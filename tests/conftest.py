@@ -69,7 +69,7 @@ def torch_threads_are_left_as_found():
 @pytest.fixture(scope="session")
 def cifar_test_set():
     """All 10,000 shared CIFAR-10 test images, decoded once: (images, labels)."""
-    import data
+    from ptqkit import data
     from ptqkit.config import validate
     cfg = validate(base_tree())
     xs, ys = zip(*data.evaluation_loader(data.make_splits(cfg.data), cfg.data.evaluation))
@@ -79,7 +79,7 @@ def cifar_test_set():
 @pytest.fixture(scope="session")
 def cifar_calib():
     """256 calibration images drawn with seed 1005 from the shared train folder."""
-    import data
+    from ptqkit import data
     from ptqkit.config import validate
     cfg = validate(base_tree())
     splits = data.make_splits(cfg.data)
@@ -89,7 +89,7 @@ def cifar_calib():
 
 @pytest.fixture(scope="session")
 def resnet20():
-    from models import build_model, load_checkpoint
+    from ptqkit.models import build_model, load_checkpoint
     model = build_model("cifar_resnet20")
     load_checkpoint(model, cifar_checkpoint(20))
     return model.eval()

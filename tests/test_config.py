@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import CIFAR, REPO, base_tree, cifar_checkpoint
+from conftest import ASSETS, CIFAR, REPO, base_tree, cifar_checkpoint
 from ptqkit.config import apply_overrides, deep_merge, load_config, load_yaml_tree, validate
 from ptqkit.errors import ConfigError, UserError
 
@@ -22,11 +22,13 @@ def test_base_inheritance_and_set_overrides():
     assert cfg.data.evaluation.limit == 100
 
 
-def test_per_architecture_rounding_weight():
-    tree = base_tree(model={"name": "mobilenet_v2", "checkpoint": None}, algorithm={"name": "qdrop"})
-    assert validate(tree).algorithm.weight == 0.1
-    tree["model"]["name"] = "mnasnet"
-    assert validate(tree).algorithm.weight == 0.2
+@pytest.mark.parametrize("model,weight", [("mobilenet_v2", 0.1), ("mnasnet2_0", 0.2), ("resnet18", 0.01)])
+def test_per_architecture_rounding_weight_comes_from_the_model_config(model, weight):
+    path = os.path.join(REPO, f"configs/imagenet/qdrop/{model}_w2a4.yaml")
+    placeholders = [f"data.root={ASSETS}/imagenet", "data.calibration.split=sample", "data.evaluation.split=sample",
+                    f"model.checkpoint={ASSETS}/imagenet/mobilenet_v2_coral.pth"]
+    assert load_config(path, placeholders).algorithm.weight == weight
+    assert load_config(path, placeholders + ["algorithm.weight=0.5"]).algorithm.weight == 0.5
 
 
 def test_deep_merge_delete_replaces_a_section():
@@ -46,7 +48,8 @@ def test_base_paths_are_relative_to_the_including_file(tmp_path):
     (base_tree(quant={"w": {"bitz": 4}}),
      r"^config key 'quant\.w\.bitz': expected a known key \(one of: bits, per_channel, symmetric, observer, p\)$"),
     (base_tree(quant={"w": {"bits": 9}}), r"^config key 'quant\.w\.bits': expected a value in \[2, 8\], got 9$"),
-    (base_tree(quant={"a": {"bits": "four"}}), r"^config key 'quant\.a\.bits': expected an integer, got 'four'$"),
+    (base_tree(quant={"a": {"bits": "four"}}),
+     r"^config key 'quant\.a\.bits': expected an integer or null, got 'four'$"),
     (base_tree(model={"checkpoint": "/nonexistent/r20.th"}),
      r"^config key 'model\.checkpoint': expected an existing file, got '/nonexistent/r20\.th'$"),
     (base_tree(data={"root": "/nonexistent/cifar"}),
@@ -111,7 +114,7 @@ def test_cli_missing_config_file(tmp_path):
 _BRANCHY = """
 import sys, torch.nn as nn
 sys.path.insert(0, {repo!r})
-from models import register_model
+from ptqkit.models import register_model
 
 class Branchy(nn.Module):
     def __init__(self):

@@ -28,8 +28,8 @@ torch.save(logits, {out!r})
 
 
 def quantize_naive(fp_model, calib_images, **sections):
-    from algorithms.base import RunContext
-    from algorithms.registry import get_algorithm
+    from ptqkit.algorithms.base import RunContext
+    from ptqkit.algorithms.registry import get_algorithm
     from ptqkit.config import validate
     cfg = validate(base_tree(**sections))
     ctx = RunContext(cfg=cfg, fp_model=fp_model, calib_images=calib_images, calib_labels=None,
@@ -77,7 +77,7 @@ def test_reload_in_new_process_predicts_the_same(w4a4, test_images, tmp_path):
 
 
 def test_reload_restores_quantizer_state(w4a4, tmp_path):
-    from algorithms.quantizers import fake_quantizers
+    from ptqkit.quant.quantizers import fake_quantizers
     qmodel, cfg = w4a4
     path = str(tmp_path / "q.pt")
     save_quantized(qmodel, cfg, path)
@@ -98,7 +98,7 @@ def test_reload_restores_quantizer_state(w4a4, tmp_path):
 
 
 def test_unhardened_learned_rounding_survives(resnet20, cifar_calib, test_images, tmp_path):
-    from algorithms.quantizers import WeightQuantizer
+    from ptqkit.quant.quantizers import WeightQuantizer
     qmodel, cfg = quantize_naive(resnet20, cifar_calib[:32])
     layers = [m for m in qmodel.modules() if isinstance(getattr(m, "weight_fake_quant", None), WeightQuantizer)]
     layer = layers[3]
@@ -133,7 +133,7 @@ def test_reloaded_accuracy_matches_the_run(tmp_path):
     cfg = validate(base_tree(data={"calibration": {"num_images": 32}, "evaluation": {"limit": 300}}))
     results = pipeline.run(cfg, str(tmp_path), show_progress=False)
     reloaded, cfg2 = load_quantized(os.path.join(str(tmp_path), "quantized_model.pt"))
-    import data
+    from ptqkit import data
     loader = data.evaluation_loader(data.make_splits(cfg2.data), cfg2.data.evaluation)
     again = pipeline.evaluate(reloaded, loader, torch.device("cpu"), show_progress=False)
     assert again["images"] == results["quant"]["images"] == 300

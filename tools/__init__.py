@@ -1,6 +1,6 @@
 """Command-line tools over run folders: `compare` (tables and plots), `sweep` (a grid of runs), `export` (ONNX).
 
-Each is run as `python -m tools.<name>`; `cli()` gives them the same behaviour as `ptq_main.py`: errors the user
+Each is run as `python -m ptqkit.tools.<name>`; `cli()` gives them the same behaviour as `ptq_main.py`: errors the user
 can fix are one line on stderr with exit status 2, anything else keeps its traceback.
 """
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+
+from ptqkit.errors import UserError
 
 
 def setup_logging() -> None:
@@ -21,7 +23,6 @@ def setup_logging() -> None:
 
 def cli(main, argv=None) -> int:
     """Run `main(argv)`, turning a UserError into `error: ...` on stderr and exit status 2."""
-    from ptqkit.errors import UserError
     setup_logging()
     try:
         return main(argv) or 0

@@ -1,6 +1,6 @@
 """Comparison table and plots over run folders.
 
-    python -m tools.compare RUN_DIR_OR_GLOB... --out DIR [--allow-mixed] [--loss-runs RUN_DIR...]
+    python -m ptqkit.tools.compare RUN_DIR_OR_GLOB... --out DIR [--allow-mixed] [--loss-runs RUN_DIR...]
 
 Reads each run's results.json and writes, into DIR:
 - table.md, table.csv: rows model x bits ("cifar_resnet20 W2A4"), one column per algorithm, each cell the quantized
@@ -11,12 +11,12 @@ Reads each run's results.json and writes, into DIR:
 
 An argument may be a run folder, its results.json, a glob, or a folder of run folders (a sweep's --out).
 
-Cells: runs that differ only in seeds (data.calibration.seed, runtime.seed) and in batch sizes / workers are
-repeats of one cell and are aggregated. Runs of one algorithm that differ in anything else inside a row (its
+Cells: runs that differ only in their seed (runtime.seed) and in batch sizes / workers are repeats of one cell and
+are aggregated. Runs of one algorithm that differ in anything else inside a row (its
 hyper-parameters, an observer) get separate columns, labelled with what differs, e.g. "qdrop (prob=0.5)".
 
-Comparability: every run must share the setting (model, checkpoint, data, calibration draw size, evaluation
-subset, and hence FP32 top-1 and image count); otherwise the runs are refused, or with --allow-mixed tabulated
+Comparability: every run must share the setting (model, checkpoint, data, calibration draw: size and seed,
+evaluation subset, and hence FP32 top-1 and image count); otherwise the runs are refused, or with --allow-mixed tabulated
 with each row marked by its setting ([S1], [S2], ...) and the differences listed under the table.
 """
 from __future__ import annotations
@@ -29,9 +29,11 @@ import logging
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from ptqkit.errors import UserError
+from ptqkit.tools import cli
 
 log = logging.getLogger("ptq.compare")
 
@@ -44,12 +46,13 @@ class MixedRunsError(UserError):
 # a relative and an absolute spelling of the same file agree.
 SETTING_KEYS = ("model.name", "model.checkpoint", "model.kwargs", "data.root", "data.preset",
                 "data.calibration.split", "data.calibration.num_images", "data.calibration.per_class",
-                "data.evaluation.split", "data.evaluation.limit")
+                "data.calibration.seed", "data.evaluation.split", "data.evaluation.limit")
 _PATH_KEYS = {"model.checkpoint", "data.root"}
-# Seeds make repeats; batch sizes, workers and runtime options do not change what is measured.
+# runtime.seed makes repeats (the calibration draw's seed is part of the setting: other images, another measurement);
+# batch sizes, workers and runtime options do not change what is measured.
 # algorithm.retain_cpu_heap: the allocator setting's first place (now runtime.), in two recorded MRECG runs' configs.
-_REPEAT_KEYS = ("data.calibration.seed", "data.calibration.batch_size", "data.evaluation.batch_size",
-                "data.evaluation.workers", "algorithm.retain_cpu_heap")
+_REPEAT_KEYS = ("data.calibration.batch_size", "data.evaluation.batch_size", "data.evaluation.workers",
+                "algorithm.retain_cpu_heap")
 _REPEAT_PREFIXES = ("runtime.",)
 _ROW_KEYS = ("quant.w.bits", "quant.a.bits")
 
@@ -358,15 +361,15 @@ def write_csv(table: Table, path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
+def pyplot():
+    import matplotlib   # heavy (seconds): only when a plot is drawn
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
     return plt
 
 
 def plot_accuracy(table: Table, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n_rows, n_cols = len(table.rows), len(table.columns)
     width = 0.8 / max(n_cols, 1)
     fig, ax = plt.subplots(figsize=(max(7.5, 3.5 + n_rows * (0.6 + 0.45 * n_cols)), 5.0))
@@ -427,7 +430,7 @@ def plot_unit_losses(run: Run, path: str) -> bool:
     if not curves:
         return False
     has_round = any(any(v for v in c[2][1]) for c in curves)
-    plt = _pyplot()
+    plt = pyplot()
     n_axes = 2 if has_round else 1
     fig, axes = plt.subplots(1, n_axes, figsize=(6.5 * n_axes + 2.5, 4.8), squeeze=False)
     cmap = plt.get_cmap("tab20")
@@ -460,7 +463,7 @@ def plot_final_unit_losses(runs: list[Run], path: str) -> bool:
     if not runs:
         return False
     names = list(dict.fromkeys(u.get("name", f"unit {k}") for r in runs for k, u in enumerate(r.units)))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * len(names) + 2.5), 4.8))
     positive = True
     for run in runs:
@@ -517,7 +520,7 @@ def compare(paths, out_dir: str, *, allow_mixed: bool = False, loss_runs=()) -> 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.compare",
+    parser = argparse.ArgumentParser(prog="python -m ptqkit.tools.compare",
                                      description="Comparison table (Markdown, CSV) and plots of PTQ runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB",
                         help="run folders, results.json files, globs, or folders of run folders")
@@ -539,7 +542,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from tools import cli
     sys.exit(cli(main))

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Print the config reference (every key, its type, default and meaning) as Markdown, from the schema itself.
 
-    python -m tools.config_reference            # common sections and every registered algorithm
+    python -m ptqkit.tools.config_reference            # common sections and every registered algorithm
+    python -m ptqkit.tools.config_reference --write    # the same into docs/CONFIG.md (a test checks it is current)
 """
 from __future__ import annotations
 
+from ptqkit.algorithms.registry import get_algorithm, registered_algorithms
 from ptqkit.config import DataConfig, ModelConfig, QuantConfig, RuntimeConfig
 from ptqkit.schema import describe
 
@@ -17,7 +19,6 @@ def _table(rows) -> str:
 
 
 def reference() -> str:
-    from algorithms.registry import get_algorithm, registered_algorithms
     parts = []
     for section, cls in (("model", ModelConfig), ("data", DataConfig), ("quant", QuantConfig),
                          ("runtime", RuntimeConfig)):
@@ -29,5 +30,18 @@ def reference() -> str:
     return "\n".join(parts)
 
 
+HEADER = ("# Config reference\n\nGenerated from the schema by `python -m ptqkit.tools.config_reference --write`; every "
+          "key is validated before a run starts.\n\n")
+
+
+def document() -> str:
+    return HEADER + reference()
+
+
 if __name__ == "__main__":
-    print(reference())
+    import sys
+    if sys.argv[1:] == ["--write"]:
+        with open("docs/CONFIG.md", "w") as f:
+            f.write(document())
+    else:
+        print(reference())

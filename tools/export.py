@@ -1,6 +1,6 @@
 """Export a saved quantized model to ONNX through MQBench, and check the export against the PyTorch model.
 
-    python -m tools.export RUN_DIR [--backend academic|tensorrt] [--images 1000] [--out DIR]
+    python -m ptqkit.tools.export RUN_DIR [--backend academic|tensorrt] [--images 1000] [--out DIR]
 
 Writes into DIR (default RUN_DIR/export):
 - `<model>_<bits>.onnx`: what `mqbench.convert_deploy.convert_deploy` writes for the Academic backend. Weight
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import importlib.metadata as md
 import importlib.util
@@ -42,8 +43,15 @@ from collections import Counter
 
 import numpy as np
 import torch
+from mqbench.convert_deploy import convert_deploy
+from mqbench.prepare_by_platform import BackendType
 
+from ptqkit import data
 from ptqkit.errors import UserError
+from ptqkit.pipeline import torch_threads
+from ptqkit.quant.quantizers import act_quantizers
+from ptqkit.saving import load_quantized
+from ptqkit.tools import cli
 
 log = logging.getLogger("ptq.export")
 
@@ -111,7 +119,6 @@ def check_backend(backend: str) -> None:
 
 
 def _mqbench_export(qmodel, backend_type, example: torch.Tensor, out_dir: str, name: str) -> str:
-    from mqbench.convert_deploy import convert_deploy
     if shutil.which("polygraphy") is None:
         log.info("polygraphy is not on PATH: MQBench's optional constant-folding pass is skipped "
                  "(the shell's 'polygraphy: not found' line is harmless)")
@@ -141,7 +148,7 @@ def _int_type(qmin: int, qmax: int, zero_point: np.ndarray):
 
 def to_onnxruntime(src: str, dst: str) -> dict:
     """Rewrite MQBench's custom fake-quant nodes of `src` as QuantizeLinear/Clip/DequantizeLinear into `dst`."""
-    import onnx
+    import onnx   # heavy: only when an export is rewritten
     from onnx import helper, numpy_helper
 
     model = onnx.load(src)
@@ -234,22 +241,16 @@ def evaluation_images(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     Not the first `n` in folder order, which are all of the first class. The limit draws a prefix of one seeded
     permutation, so these images are a subset of what the run evaluated whatever limit the run itself had.
     """
-    import copy
-
-    import data
     data_cfg = copy.deepcopy(cfg.data)
     if data_cfg.evaluation.limit is None or n < data_cfg.evaluation.limit:
         data_cfg.evaluation.limit = n
     splits = data.make_splits(data_cfg)
-    indices = splits.evaluation_indices
-    subset = torch.utils.data.Subset(splits.evaluation, indices)
-    loader = torch.utils.data.DataLoader(subset, batch_size=500, shuffle=False, num_workers=0)
-    images, labels = zip(*loader)
+    images, labels = zip(*data.evaluation_loader(splits, data_cfg.evaluation))
     return torch.cat(images), torch.cat(labels)
 
 
 def onnxruntime_session(path: str, threads: int = 0):
-    import onnxruntime as ort
+    import onnxruntime as ort   # heavy (seconds): only when a check runs
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -299,8 +300,6 @@ def _versions() -> dict:
 
 
 def _tensorrt_export(qmodel, cfg, example, out_dir: str, name: str) -> list[str]:
-    from mqbench.prepare_by_platform import BackendType
-    from algorithms.quantizers import act_quantizers
     q = cfg.quant
     if not (q.w.bits == q.a.bits == 8 and q.w.symmetric and q.a.symmetric):
         raise ExportError(f"backend tensorrt: TensorRT runs symmetric 8-bit; this model is W{q.w.bits}A{q.a.bits} "
@@ -326,7 +325,6 @@ def export_run(run_dir: str, *, backend: str = "academic", images: int = 1000, o
     model_path = os.path.join(run_dir, "quantized_model.pt")
     if not os.path.isfile(model_path):
         raise UserError(f"run '{run_dir}': no quantized_model.pt (was runtime.save_model false?)")
-    from ptqkit.pipeline import torch_threads
     with torch_threads(threads):
         return _export_run(run_dir, model_path, backend, images, out_dir or os.path.join(run_dir, "export"),
                            threads, batch_size)
@@ -334,8 +332,6 @@ def export_run(run_dir: str, *, backend: str = "academic", images: int = 1000, o
 
 def _export_run(run_dir: str, model_path: str, backend: str, images: int, out_dir: str, threads: int,
                 batch_size: int) -> dict:
-    from mqbench.prepare_by_platform import BackendType
-    from ptqkit.saving import load_quantized
     qmodel, cfg = load_quantized(model_path)
     bits = f"W{cfg.quant.w.bits}A{cfg.quant.a.bits}"
     name = f"{cfg.model.name}_{bits}"
@@ -360,7 +356,7 @@ def _export_run(run_dir: str, model_path: str, backend: str, images: int, out_di
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.export",
+    parser = argparse.ArgumentParser(prog="python -m ptqkit.tools.export",
                                      description="Export a run's quantized model to ONNX and check it.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding quantized_model.pt")
     parser.add_argument("--backend", default="academic", choices=BACKENDS,
@@ -388,5 +384,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from tools import cli
     sys.exit(cli(main))

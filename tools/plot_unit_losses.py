@@ -1,21 +1,23 @@
 """Final reconstruction loss per unit index for several runs: the oscillation across units, with and without
 MRECG's merging, in one PNG.
 
-    python -m tools.plot_unit_losses RUN_DIR... --out unit_losses.png [--phase NAME]
+    python -m ptqkit.tools.plot_unit_losses RUN_DIR... --out unit_losses.png [--phase NAME]
 
 The x axis is the index of the base (unmerged) unit. A merged group is reconstructed against the output of its last
-unit, so its loss is drawn there, with a horizontal bar over the units it covers. tools.compare's units_final.png
+unit, so its loss is drawn there, with a horizontal bar over the units it covers. ptqkit.tools.compare's units_final.png
 matches units by name, which cannot place a group such as "layer1.2+layer2.0" among the base units.
-Runs are read as tools.compare reads them (folders, results.json files, globs, folders of run folders).
+Runs are read as ptqkit.tools.compare reads them (folders, results.json files, globs, folders of run folders).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 from ptqkit.errors import UserError
-from tools.compare import Run, _pyplot, find_runs, load_run
+from ptqkit.tools import cli
+from ptqkit.tools.compare import Run, find_runs, load_run, pyplot
 
 
 def unit_points(run: Run, phase: str | None = None) -> tuple[list[str], list[tuple[list[int], float]]]:
@@ -56,7 +58,7 @@ def plot(run_paths, out: str, phase: str | None = None, title: str = TITLE) -> s
         if len(other) != len(names):
             raise UserError(f"run '{run.path}' has {len(other)} base units, '{series[0][0].path}' has {len(names)}: "
                             "not the same model partition")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7.0, 0.5 * len(names) + 3.0), 5.0))
     colors = plt.get_cmap("tab10")
     positive = all(loss > 0 for _, _, pts in series for _, loss in pts)
@@ -86,7 +88,7 @@ def plot(run_paths, out: str, phase: str | None = None, title: str = TITLE) -> s
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.plot_unit_losses",
+    parser = argparse.ArgumentParser(prog="python -m ptqkit.tools.plot_unit_losses",
                                      description="Final reconstruction loss per unit index for several runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB")
     parser.add_argument("--out", required=True, help="PNG file to write")
@@ -102,7 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from tools import cli
     sys.exit(cli(main))

@@ -1,12 +1,12 @@
 """A grid of PTQ runs, then their comparison table.
 
-    python -m tools.sweep --config BASE.yaml --sweep algorithm.name=naive,qdrop quant.w.bits=2,4 \
+    python -m ptqkit.tools.sweep --config BASE.yaml --sweep algorithm.name=naive,qdrop quant.w.bits=2,4 \
         [--set key=value ...] --out DIR [--dry-run] [--resume]
 
 Every combination of the --sweep values (the Cartesian product, in the order given) is one run of `ptq_main.py`
 in its own subprocess, with `--set runtime.output_dir=DIR/<short name>` (e.g. DIR/name-qdrop_bits-2): a run that
 fails is reported and the others go on. All combinations' configs are validated before the first run, so a bad
-value fails at once. At the end the runs that succeeded are tabulated by `tools.compare` into DIR (table.md,
+value fails at once. At the end the runs that succeeded are tabulated by `ptqkit.tools.compare` into DIR (table.md,
 table.csv, accuracy.png, loss plots of the runs that recorded per-unit losses).
 
 Values are split on commas outside brackets and quotes and parsed as YAML, like --set: `a.b=[1, 2],[3, 4]`
@@ -26,7 +26,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ptqkit.config import load_config
 from ptqkit.errors import UserError
+from ptqkit.tools import cli, compare
 
 log = logging.getLogger("ptq.sweep")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +113,6 @@ def plan(axes, out_dir: str) -> list[Job]:
 
 
 def validate_all(config: str, base_sets: list[str], jobs: list[Job]) -> None:
-    from ptqkit.config import load_config
     for job in jobs:
         try:
             load_config(config, base_sets + job.overrides + [f"runtime.output_dir={job.run_dir}"])
@@ -146,7 +147,7 @@ def run_job(config: str, base_sets: list[str], job: Job, log_path: str) -> tuple
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.sweep",
+    parser = argparse.ArgumentParser(prog="python -m ptqkit.tools.sweep",
                                      description="Run the Cartesian product of config values, then compare.")
     parser.add_argument("--config", required=True, help="base YAML config")
     parser.add_argument("--sweep", nargs="+", action="extend", required=True, metavar="KEY.PATH=V1,V2",
@@ -203,7 +204,6 @@ def main(argv=None) -> int:
     print(f"{len(done)} of {len(jobs)} runs succeeded" + (
         ", failed: " + ", ".join(j.name for j in failed) if failed else ""))
     if done:
-        from tools import compare
         dirs = [j.run_dir for j in done]
         loss_runs = [d for d in dirs if compare.load_run(d).units]
         # The sweep chose what varies: a swept setting key (e.g. the calibration size) marks rows, never refuses.
@@ -214,5 +214,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from tools import cli
     sys.exit(cli(main))

@@ -1,0 +1,5 @@
+import sys
+
+from ptqkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,347 @@
+"""MQBench fake-quant modules extended with what reconstruction needs, and context managers over their state.
+
+- `WeightQuantizer` (an MQBench `AdaRoundFakeQuantize`): round-to-nearest, or the soft-rounded weights of a
+  `LearnedRounding` (AdaRound's rectified sigmoid h(V), for all the layers of a unit in flat tensors) while it is
+  installed; `LearnedRounding.harden()` writes the hard-rounded weights back so that round-to-nearest reproduces
+  them and the learned state can be dropped.
+- `ActQuantizer` (an MQBench `QDropFakeQuantize`): LSQ-style learnable step size with a keep probability: each
+  element is quantized with probability `keep_prob` (QDrop), otherwise passed through in full precision.
+- `MultiBitActQuantizer` (an `ActQuantizer`): one step size and zero point per bit-width of a set, `active_bits`
+  selecting the one in use (PTMQ); `activation_bits(model, bits)` switches a whole model at run time.
+
+All three register themselves in MQBench's fake-quant table so `prepare_by_platform` inserts them by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from mqbench import prepare_by_platform as _mq_prepare
+from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize
+from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize
+from mqbench.fake_quantize.quantize_base import QuantizeBase
+
+from ptqkit.quant import kernels
+
+from ptqkit.quant.kernels import GAMMA, ZETA
+
+
+def _broadcast(t: torch.Tensor, like: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    if ch_axis == -1 or t.numel() == 1:
+        return t
+    shape = [1] * like.dim()
+    shape[ch_axis] = like.shape[ch_axis]
+    return t.reshape(shape)
+
+
+class WeightQuantizer(AdaRoundFakeQuantize):
+    """Weight fake-quant: round to nearest, or, while a `LearnedRounding` is installed, the soft-rounded weights
+    it computed for this iteration."""
+
+    soft_weight: torch.Tensor | None = None
+
+    def forward(self, X):
+        if self.soft_weight is not None:
+            return self.soft_weight
+        return super().forward(X)
+
+
+class LearnedRounding:
+    """AdaRound's learned rounding (ALGORITHMS.md §0) of a set of weight layers — one reconstruction unit — held in
+    flat tensors: V, floor(w / s), and s, z and the integer range per element.
+
+    V starts where h(V) equals the fractional part of w / s, so the soft weights start at the FP weights (inside the
+    grid). One flat V is one optimiser parameter, and every iteration computes all the layers' soft weights and the
+    regulariser in one pass (`kernels.soft_rounding`) whatever the layer count. While `installed()`, each layer's
+    weight quantizer returns its slice of this iteration's soft weights; `harden()` writes h = 1[V >= 0] into the
+    layers' weights, which round-to-nearest then reproduces exactly.
+    """
+
+    def __init__(self, layers: list[tuple[nn.Module, WeightQuantizer]]):
+        self.layers = list(layers)
+        alphas, bases, scales, zeros, los, his = [], [], [], [], [], []
+        with torch.no_grad():
+            for layer, wq in self.layers:
+                w = layer.weight.detach()
+                scale = _broadcast(wq.scale.detach(), w, wq.ch_axis).expand_as(w)
+                zero = _broadcast(wq.zero_point.detach(), w, wq.ch_axis).to(w.dtype).expand_as(w)
+                base = torch.floor(w / scale)
+                rest = w / scale - base
+                alphas.append(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+                bases.append(base)
+                scales.append(scale)
+                zeros.append(zero)
+                los.append(torch.full_like(w, wq.quant_min))
+                his.append(torch.full_like(w, wq.quant_max))
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts]) if ts else torch.empty(0)  # noqa: E731
+        self.alpha = nn.Parameter(flat(alphas))
+        self.base, self.scale, self.zero_point = flat(bases), flat(scales), flat(zeros)
+        self.lo, self.hi = flat(los), flat(his)
+        self.shapes = [layer.weight.shape for layer, _ in self.layers]
+        self.sizes = [layer.weight.numel() for layer, _ in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def soft_rounding(self) -> torch.Tensor:
+        """h(V) of every weight, flat."""
+        return kernels.rectified_sigmoid(self.alpha.detach())[0]
+
+    @contextlib.contextmanager
+    def installed(self, beta: float | None = None):
+        """Inside: the layers compute with this iteration's soft weights (computed once, however many forwards).
+        Yields the regulariser Σ (1 − |2 h(V) − 1|^β) with `beta`, else None."""
+        w, penalty = kernels.soft_rounding(self.alpha, self.base, self.scale, self.zero_point, self.lo, self.hi, beta)
+        try:
+            for (_, wq), part, shape in zip(self.layers, w.split(self.sizes), self.shapes):
+                wq.soft_weight = part.view(shape)
+            yield penalty if beta is not None else None
+        finally:
+            for _, wq in self.layers:
+                wq.soft_weight = None
+
+    @torch.no_grad()
+    def hard_weights(self) -> list[torch.Tensor]:
+        """The weights with h = 1[V >= 0], as MQBench's `get_hard_value` computes them."""
+        t = (self.base + (self.alpha >= 0).to(self.base.dtype)).add_(self.zero_point)
+        w = torch.clamp(t, self.lo, self.hi).sub_(self.zero_point).mul_(self.scale)
+        return [part.view(shape) for part, shape in zip(w.split(self.sizes), self.shapes)]
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Write the hard-rounded weights into the layers; round-to-nearest reproduces them from now on."""
+        for (layer, _), w in zip(self.layers, self.hard_weights()):
+            layer.weight.data.copy_(w)
+
+
+class ActQuantizer(QDropFakeQuantize):
+    """Activation fake-quant with a learnable step size and QDrop's element-wise keep probability."""
+
+    @property
+    def keep_prob(self) -> float:
+        return self.prob
+
+    @keep_prob.setter
+    def keep_prob(self, value: float) -> None:
+        self.prob = float(value)
+
+    learn_step = True   # False: the step stays as calibrated (the network input's, by default: see QuantConfig)
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        """The step sizes reconstruction optimises (one here; a multi-bit quantizer has one per bit-width)."""
+        return [self.scale] if self.learn_step else []
+
+    def forward(self, X):
+        if self.observer_enabled.item() == 1 or self.fake_quant_enabled.item() != 1 or self.is_per_channel \
+                or torch.jit.is_tracing():
+            # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records; the fused kernel
+            # computes the same values but is opaque to it
+            return super().forward(X)
+        return kernels.act_fake_quant(X, self.scale, self.zero_point, self.quant_min, self.quant_max, self.prob)
+
+
+_mq_prepare.FakeQuantizeDict.setdefault("PTQWeightQuantizer", WeightQuantizer)
+_mq_prepare.FakeQuantizeDict.setdefault("PTQActQuantizer", ActQuantizer)
+
+
+# ------------------------------------------------------------------------------------------ state switches
+def fake_quantizers(module: nn.Module) -> Iterator[tuple[str, QuantizeBase]]:
+    for name, m in module.named_modules():
+        if isinstance(m, QuantizeBase):
+            yield name, m
+
+
+def weight_quantizers(module: nn.Module) -> list[WeightQuantizer]:
+    return [m for _, m in fake_quantizers(module) if isinstance(m, WeightQuantizer)]
+
+
+def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
+    return [m for _, m in fake_quantizers(module) if isinstance(m, ActQuantizer)]
+
+
+def _flags(quantizers: Iterable[QuantizeBase]):
+    return [(q, int(q.observer_enabled[0]), int(q.fake_quant_enabled[0])) for q in quantizers]
+
+
+@contextlib.contextmanager
+def quant_state(module: nn.Module, *, observe: bool | None = None, quantize: bool | None = None,
+                only: Iterable[QuantizeBase] | None = None):
+    """Set observer / fake-quant switches of the quantizers in `module` (or `only` those), restore them after."""
+    quantizers = list(only) if only is not None else [q for _, q in fake_quantizers(module)]
+    saved = _flags(quantizers)
+    try:
+        for q in quantizers:
+            if observe is not None:
+                q.observer_enabled[0] = int(observe)
+            if quantize is not None:
+                q.fake_quant_enabled[0] = int(quantize)
+        yield
+    finally:
+        for q, obs, fq in saved:
+            q.observer_enabled[0] = obs
+            q.fake_quant_enabled[0] = fq
+
+
+def calibration_mode(module: nn.Module):
+    """Observers record ranges on full-precision values (fake quantization off)."""
+    return quant_state(module, observe=True, quantize=False)
+
+
+def fp_mode(module: nn.Module):
+    """Every quantizer an identity: the prepared model computes the full-precision network."""
+    return quant_state(module, observe=False, quantize=False)
+
+
+@contextlib.contextmanager
+def keep_probability(quantizers: Iterable[ActQuantizer], prob: float):
+    quantizers = list(quantizers)
+    saved = [q.keep_prob for q in quantizers]
+    try:
+        for q in quantizers:
+            q.keep_prob = prob
+        yield
+    finally:
+        for q, p in zip(quantizers, saved):
+            q.keep_prob = p
+
+
+def reset_observer(q: QuantizeBase) -> None:
+    """Forget what the quantizer's observer has seen (the next observation starts a new range)."""
+    obs = q.activation_post_process
+    obs.min_val = torch.full_like(obs.min_val, float("inf"))
+    obs.max_val = torch.full_like(obs.max_val, float("-inf"))
+
+
+def set_bits(q: QuantizeBase, bits: int) -> None:
+    """Change a fake quantizer's bit-width (before calibration): its integer range and its observer's."""
+    if q.is_symmetric_quant:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+    q.quant_min, q.quant_max, q.bitwidth = qmin, qmax, bits
+    obs = q.activation_post_process
+    obs.quant_min, obs.quant_max = qmin, qmax
+
+
+# ------------------------------------------------------------------------------------ multi-bit activations
+class MultiBitActQuantizer(ActQuantizer):
+    """An activation quantizer with one learnable step size and zero point per bit-width of `bit_set` (PTMQ).
+
+    `active_bits` selects the pair the forward uses. `scale` and `zero_point` are the selected pair itself (the
+    same Parameter / buffer objects as `scale_b<bits>` / `zero_point_b<bits>`), and `quant_min`, `quant_max`,
+    `bitwidth` and the observer's range follow the selection, so the forward, the observers, export and saving
+    see an ordinary quantizer at the selected bit-width, and learning `scale` learns the selected step.
+    """
+
+    def __init__(self, observer, bit_set=(4, 6, 8), active_bits: int | None = None, **observer_kwargs):
+        super().__init__(observer, **observer_kwargs)
+        self.bit_set = tuple(sorted(set(int(b) for b in bit_set)))
+        initial_scale, initial_zero_point = self.scale.detach().clone(), self.zero_point.clone()
+        for bits in self.bit_set:
+            self.register_parameter(f"scale_b{bits}", nn.Parameter(initial_scale.clone(),
+                                                                   requires_grad=self.scale.requires_grad))
+            self.register_buffer(f"zero_point_b{bits}", initial_zero_point.clone())
+        self.active_bits = None
+        self.set_active_bits(active_bits if active_bits is not None else self.bit_set[0])
+
+    @classmethod
+    def from_quantizer(cls, q: ActQuantizer, bit_set, active_bits: int) -> "MultiBitActQuantizer":
+        """A multi-bit quantizer with `q`'s observer (a copy), switches and keep probability; every bit-width's
+        step starts at `q`'s step."""
+        new = cls(lambda: copy.deepcopy(q.activation_post_process), bit_set=bit_set, active_bits=active_bits)
+        new.fake_quant_enabled.copy_(q.fake_quant_enabled)
+        new.observer_enabled.copy_(q.observer_enabled)
+        new.prob = q.prob
+        with torch.no_grad():
+            for bits in new.bit_set:
+                getattr(new, f"scale_b{bits}").copy_(q.scale.detach())
+                getattr(new, f"zero_point_b{bits}").copy_(q.zero_point)
+        return new.to(q.scale.device)
+
+    def set_active_bits(self, bits: int) -> None:
+        bits = int(bits)
+        if bits not in self.bit_set:
+            raise ValueError(f"{bits}-bit activations are not in this quantizer's bit set "
+                             f"{', '.join(map(str, self.bit_set))}")
+        # Aliasing (not copying) keeps every bit-width's step learnable through `scale` while it is selected.
+        self._parameters["scale"] = self._parameters[f"scale_b{bits}"]
+        self._buffers["zero_point"] = self._buffers[f"zero_point_b{bits}"]
+        set_bits(self, bits)
+        self.active_bits = bits
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, f"scale_b{bits}") for bits in self.bit_set]
+
+    def _apply(self, fn, *args, **kwargs):
+        # A dtype/device conversion may replace Parameter objects one name at a time, which would split the
+        # alias between `scale` and the selected `scale_b<bits>`: point it again.
+        super()._apply(fn, *args, **kwargs)
+        if self.active_bits is not None:
+            self.set_active_bits(self.active_bits)
+        return self
+
+    def extra_repr(self):
+        return super().extra_repr() + f", bit_set={list(self.bit_set)}, active_bits={self.active_bits}"
+
+
+_mq_prepare.FakeQuantizeDict.setdefault("PTQMultiBitActQuantizer", MultiBitActQuantizer)
+
+
+def multibit_quantizers(module: nn.Module) -> list[MultiBitActQuantizer]:
+    return [m for _, m in fake_quantizers(module) if isinstance(m, MultiBitActQuantizer)]
+
+
+def make_multibit(gm: nn.Module, name: str, bit_set, active_bits: int) -> MultiBitActQuantizer:
+    """Replace the activation quantizer `name` of `gm` by a multi-bit one built from it; return the new one."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    old = getattr(parent, attr)
+    if not isinstance(old, ActQuantizer):
+        raise TypeError(f"{name} is a {type(old).__name__}, not an activation quantizer")
+    new = MultiBitActQuantizer.from_quantizer(old, bit_set, active_bits)
+    setattr(parent, attr, new)
+    return new
+
+
+def _multibit(target) -> list[MultiBitActQuantizer]:
+    if isinstance(target, nn.Module):
+        quantizers = multibit_quantizers(target)
+        if not quantizers:
+            raise ValueError("the model has no multi-bit activation quantizers (quantize it with algorithm ptmq)")
+        return quantizers
+    return list(target)
+
+
+def set_activation_bits(target, bits: int) -> list[int]:
+    """Switch the multi-bit activation quantizers of `target` (a model, or the quantizers themselves) to `bits`;
+    return their previous selections, in order. Quantizers that are not multi-bit (those the 8-bit conventions fix:
+    network input, last layer's input) keep their bit-width. Nothing changes if `bits` is not available in all."""
+    quantizers = _multibit(target)
+    available = sorted(set.intersection(*(set(q.bit_set) for q in quantizers))) if quantizers else []
+    if quantizers and int(bits) not in available:
+        raise ValueError(f"{bits}-bit activations are not available in this model (bit set: "
+                         f"{', '.join(map(str, available))})")
+    previous = [q.active_bits for q in quantizers]
+    for q in quantizers:
+        q.set_active_bits(bits)
+    return previous
+
+
+@contextlib.contextmanager
+def activation_bits(target, bits: int):
+    """Inside: the multi-bit activation quantizers of `target` (a model, or the quantizers) at `bits`; each one's
+    previous selection is restored after.
+
+        with activation_bits(qmodel, 6):
+            logits = qmodel(images)
+    """
+    quantizers = _multibit(target)
+    previous = set_activation_bits(quantizers, bits)
+    try:
+        yield target
+    finally:
+        for q, b in zip(quantizers, previous):
+            q.set_active_bits(b)

@@ -1,0 +1,74 @@
+"""The state of a prepared model's quantizers beyond its state_dict: what saving, reloading and resuming need.
+
+A freshly prepared graph does not have the shapes or the attributes a calibrated one has, so loading needs more
+than `load_state_dict`: per-channel scales, zero points and observer ranges are created with shape [1] or [] and
+only take their real shape [C] during calibration (`match_quantizer_shapes` resizes them to the saved shapes), and
+quantizer attributes that are not tensors (integer range, keep probability, MQBench's learned-rounding mode) are
+saved beside the state dict (`quantizer_attrs`) and put back (`restore_attrs`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ptqkit.errors import CheckpointError
+from ptqkit.quant.quantizers import ActQuantizer, MultiBitActQuantizer, WeightQuantizer, fake_quantizers
+
+
+def quantizer_attrs(qmodel: nn.Module) -> dict:
+    attrs = {}
+    for name, q in fake_quantizers(qmodel):
+        entry = {"quant_min": int(q.quant_min), "quant_max": int(q.quant_max), "bitwidth": int(q.bitwidth)}
+        if isinstance(q, ActQuantizer):
+            entry["keep_prob"] = float(q.keep_prob)
+        if isinstance(q, MultiBitActQuantizer):
+            entry["bit_set"] = list(q.bit_set)
+        if isinstance(q, WeightQuantizer) and getattr(q, "adaround", False):
+            entry["learned_rounding"] = True
+            entry["round_mode"] = str(q.round_mode)
+            entry["gamma"], entry["zeta"] = float(q.gamma), float(q.zeta)
+        attrs[name] = entry
+    return attrs
+
+
+def restore_attrs(quantizers: dict, attrs: dict, state: dict, path: str) -> None:
+    """Put the saved non-tensor attributes back into the quantizers of a freshly prepared model."""
+    for name, entry in attrs.items():
+        q = quantizers.get(name)
+        if q is None:
+            raise CheckpointError(f"quantized model '{path}': quantizer '{name}' does not exist in the model "
+                                  "its config builds")
+        q.quant_min, q.quant_max, q.bitwidth = entry["quant_min"], entry["quant_max"], entry["bitwidth"]
+        q.activation_post_process.quant_min = entry["quant_min"]
+        q.activation_post_process.quant_max = entry["quant_max"]
+        if "keep_prob" in entry:
+            q.keep_prob = entry["keep_prob"]
+        if entry.get("learned_rounding"):
+            alpha = state.get(f"{name}.alpha")
+            if alpha is None:
+                raise CheckpointError(f"quantized model '{path}': quantizer '{name}' is in learned-rounding mode "
+                                      "but its alpha is not saved")
+            q.adaround, q.round_mode = True, entry["round_mode"]
+            q.gamma, q.zeta = entry["gamma"], entry["zeta"]
+            q.alpha = nn.Parameter(torch.empty_like(alpha))
+
+
+def match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> None:
+    """Give per-channel tensors inside quantizers (scale, zero point, observer min/max) their saved shapes."""
+    modules = dict(qmodel.named_modules())
+    prefixes = tuple(n + "." for n in quantizer_names)
+    for key, saved in state.items():
+        if not key.startswith(prefixes):
+            continue
+        owner_name, attr = key.rsplit(".", 1)
+        owner = modules.get(owner_name)
+        if owner is None:
+            continue
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            param = owner._parameters[attr]
+            if param.shape != saved.shape:
+                param.data = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            buf = owner._buffers[attr]
+            if buf.shape != saved.shape:
+                owner._buffers[attr] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)

@@ -1,0 +1,34 @@
+"""Unit names: logs, results and resume records find a unit by its name, so every unit's is unique and says where
+in the model it is."""
+import torch
+import torch.nn as nn
+
+from conftest import base_tree
+from ptqkit.algorithms.units import partition
+from ptqkit.config import validate
+from ptqkit.models.cifar_resnet import BasicBlock
+from ptqkit.quant.prepare import prepare_quantized
+
+
+class SharedStem(nn.Module):
+    """MNasNet's layout: a stem of plain conv/BN/ReLU triples inside the same Sequential as the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                    BasicBlock(16, 16), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.layers(x).mean((2, 3)))
+
+
+def test_units_that_share_a_parent_module_are_named_by_their_layers():
+    model = SharedStem().eval()
+    gm, _ = prepare_quantized(model, validate(base_tree()).quant)
+    names = [u.name for u in partition(gm, model, "block", torch.zeros(1, 3, 8, 8))]
+    assert names == ["layers.0", "layers.3", "layers.6", "layers.9", "layers.10", "fc"]
+    layer_names = [u.name for u in partition(gm, model, "layer", torch.zeros(1, 3, 8, 8))]
+    assert len(set(layer_names)) == len(layer_names) and layer_names[:3] == ["layers.0", "layers.3", "layers.6"]
