@@ -162,7 +162,7 @@ class PTMQHooks(Hooks):
         drawn = [g[0] if len(g) == 1 else g[int(torch.randint(len(g), ()))] for g in self.groups]
         outs = []
         for bits in drawn:
-            if p.input_prob < 1.0:
+            if p.input_prob < 1.0 and inputs[bits] is not batch.cache.fp_in:   # the network input: nothing to mix
                 x = mix_rows(inputs[bits], batch.cache.fp_in, batch.idx, p.input_prob, self.device)
             else:
                 x = inputs[bits][batch.idx].to(self.device, torch.float32)
