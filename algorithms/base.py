@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from ptqkit.algorithms.prepass import PREPASSES, correct_bias, equalized
 from ptqkit.quant import prepare as pq
 from ptqkit.schema import spec
 
@@ -16,6 +17,10 @@ from ptqkit.schema import spec
 class AlgorithmConfig:
     """Base of every plugin's config. `name` is set from `algorithm.name` by the loader."""
     name: str = spec("naive", doc="registered algorithm")
+    prepasses: list[str] = spec(factory=list, choices=PREPASSES,
+                                doc="before the method: cle (cross-layer equalization of the FP model, DFQ) and/or "
+                                    "bias_correction (empirical, after calibration, on prepass_images images)")
+    prepass_images: int = spec(256, lo=1, doc="calibration images bias correction measures the mean shift on")
 
     def finalize(self, cfg) -> None:
         """Resolve defaults that depend on the rest of the config (the model's `algorithm_defaults` are applied
@@ -37,18 +42,41 @@ class RunContext:
     # top-1 of a model on the run's evaluation images (the pipeline's; None where there are none, e.g. a dry run)
     evaluate: Optional[Callable[[nn.Module, str], dict]] = None
     fp32: Optional[dict] = None      # the run's FP32 result on those images, once measured
+    # a model already prepared and calibrated elsewhere (MQBench's flow: ptqkit.from_mqbench), used as it is
+    prepared: Optional[torch.fx.GraphModule] = None
 
 
 class Algorithm:
     Config = AlgorithmConfig
+
+    @classmethod
+    def expand(cls, tree: dict) -> dict:
+        """The raw `algorithm` mapping before it is checked (a method with presets fills them in here)."""
+        return tree
     multi_process = False   # runs under torchrun (sharded calibration, averaged gradients): shown by a test
 
     def __init__(self, params: AlgorithmConfig):
         self.params = params
 
+    def runs_multi_process(self) -> bool:
+        """Whether this configured method may run under torchrun."""
+        return type(self).multi_process
+
     def prepare(self, ctx: RunContext) -> tuple[torch.fx.GraphModule, pq.QuantLayout]:
-        qmodel, layout = pq.prepare_quantized(ctx.fp_model, ctx.cfg.quant, ctx.cfg.model.leaf_modules)
+        if ctx.prepared is not None:
+            return ctx.prepared, pq.layout_of(ctx.prepared)
+        fp_model = ctx.fp_model
+        if "cle" in self.params.prepasses:
+            fp_model, ctx.results["cle"] = equalized(fp_model, ctx.cfg.model.leaf_modules)
+        qmodel, layout = pq.prepare_quantized(fp_model, ctx.cfg.quant, ctx.cfg.model.leaf_modules)
         return qmodel.to(ctx.device), layout
+
+    def after_calibration(self, qmodel: torch.fx.GraphModule, ctx: RunContext) -> None:
+        """What follows calibration before any method learns: the bias-correction pre-pass, if asked for."""
+        if "bias_correction" in self.params.prepasses:
+            images = ctx.calib_images[: self.params.prepass_images]
+            ctx.results["bias_correction"] = correct_bias(qmodel, images, ctx.cfg.data.calibration.batch_size,
+                                                                  ctx.device)
 
     def run(self, ctx: RunContext) -> nn.Module:
         """Return the quantized model (fake quantizers on, observers off)."""

@@ -29,6 +29,7 @@ values, so a resumed fp32-cached run is bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from ptqkit.algorithms.graph import prefix_module, unit_module
 from ptqkit.algorithms.units import Unit
 from ptqkit.errors import NumericalError, UserError
 from ptqkit.quant import kernels
+from ptqkit.quant.state import fp_biases
 from ptqkit.quant.quantizers import (ActQuantizer, LearnedRounding, act_quantizers, keep_probability, quant_state,
                                      reset_observer)
 
@@ -173,6 +175,48 @@ class Hooks:
     def results(self) -> dict:
         """What the method adds to results.json's algorithm_results once every unit is done."""
         return {}
+
+
+class CompositeHooks(Hooks):
+    """Several parts' hooks on one loop, in order: each `unit_start` gets the cache the previous one returned,
+    the extra loss terms are merged (their names must differ), at most one part computes the reconstruction term,
+    and the results are merged."""
+
+    def __init__(self, parts: list[Hooks]):
+        self.parts = list(parts)
+        own = [h for h in self.parts if type(h).reconstruction is not Hooks.reconstruction]
+        if len(own) > 1:
+            raise ValueError("two parts compute the reconstruction term: " + ", ".join(type(h).__name__ for h in own))
+        self._reconstruction = own[0] if own else None
+
+    def unit_start(self, unit, module, cache, phase):
+        for h in self.parts:
+            cache = h.unit_start(unit, module, cache, phase)
+        return cache
+
+    def reconstruction(self, unit, module, batch, it, phase):
+        if self._reconstruction is not None:
+            return self._reconstruction.reconstruction(unit, module, batch, it, phase)
+        return super().reconstruction(unit, module, batch, it, phase)
+
+    def extra_loss(self, unit, out_q, batch, it, phase):
+        terms: dict[str, torch.Tensor] = {}
+        for h in self.parts:
+            for name, value in h.extra_loss(unit, out_q, batch, it, phase).items():
+                if name in terms:
+                    raise ValueError(f"two parts add a loss term named {name!r}")
+                terms[name] = value
+        return terms
+
+    def unit_end(self, unit):
+        for h in self.parts:
+            h.unit_end(unit)
+
+    def results(self):
+        out: dict = {}
+        for h in self.parts:
+            out.update(h.results())
+        return out
 
 
 def beta_at(it: int, phase: Phase) -> float:
@@ -348,7 +392,7 @@ class Engine:
         try:
             for layer, weight in self._fp_weights.items():
                 layer.weight.data = weight
-            with quant_state(self.gm, observe=False, quantize=False):
+            with quant_state(self.gm, observe=False, quantize=False), fp_biases(self.gm):
                 yield
         finally:
             for layer, weight in current:
@@ -419,6 +463,8 @@ class Engine:
 
     def _optimise(self, unit: Unit, module: fx.GraphModule, cache: UnitCache, phase: Phase) -> dict:
         start_time = time.perf_counter()
+        if unit.iters_scale != 1:   # a merged group may learn for as many iterations as its members together
+            phase = dataclasses.replace(phase, iters=phase.iters * unit.iters_scale)
         network_cache, cache = cache, self.hooks.unit_start(unit, module, cache, phase)
         if phase.quant_acts and phase.act_init_images > 0:
             init_act_steps(module, unit, cache, phase.act_init_images, self.settings.eval_batch, self.device)

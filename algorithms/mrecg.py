@@ -52,9 +52,9 @@ from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.brecq import BrecqJoint
 from ptqkit.algorithms.engine import Engine, Phase
 from ptqkit.algorithms.qdrop import QDrop
-from ptqkit.algorithms.reconstruction import Partition, Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.reconstruction import Part, Partition, Reconstruction, ReconstructionConfig
 from ptqkit.algorithms.registry import register
-from ptqkit.algorithms.units import BLOCK_TYPES, Unit, merge_units
+from ptqkit.algorithms.units import BLOCK_TYPES, Unit, merge_units, partition
 from ptqkit.errors import ConfigError
 from ptqkit.schema import spec
 
@@ -80,6 +80,8 @@ class MRECGConfig(ReconstructionConfig):
     stride_alpha: float = spec(0.5, lo=0.01, doc="auto, params: factor per stride step above 1")
     homogeneous_only: bool = spec(True, doc="auto: merge only pairs of topologically homogeneous units")
     probe_images: int = spec(64, lo=1, doc="auto, loss: calibration images of the probe")
+    scale_iters: bool = spec(False, doc="a group of n units learns for n times algorithm.iters (the optimiser "
+                                        "steps its members would have had apart); false = as many as one unit")
 
     def check(self, path: str) -> None:
         if self.scheme == "auto":
@@ -185,27 +187,23 @@ def select_pairs(differences: list[Optional[float]], top_k: int) -> list[int]:
     return sorted(ranked[:top_k])
 
 
-# --------------------------------------------------------------------------------------------------- method
-@register("mrecg")
-class MRECG(Reconstruction):
+# --------------------------------------------------------------------------------------------------- the part
+@dataclass
+class MRECGGrouping(Part):
+    """MRECG's unit grouping as a part any reconstruction can use: `params` holds the MRECGConfig keys (scheme,
+    top_k, capacity, difference, stride_alpha, homogeneous_only, probe_images, scale_iters, granularity,
+    act_init_images); `label` names what it runs on in a dry run."""
+    params: Any
+    label: str
+    name = "mrecg"
     multi_process = False   # its capacity probe under several processes is not tested yet
-    Config = MRECGConfig
 
-    def base_method(self) -> Reconstruction:
-        """The base plugin with our shared reconstruction settings (its own keys keep their defaults)."""
-        cls = BASES[self.params.base]
-        shared = {f.name: getattr(self.params, f.name) for f in dataclasses.fields(cls.Config)
-                  if f.init and hasattr(self.params, f.name)}
-        return cls(cls.Config(**shared))
-
-    def phases(self) -> list[Phase]:
-        return self.base_method().phases()
-
-    def prepare(self, ctx: RunContext):
-        qmodel, layout = super().prepare(ctx)
+    def prepare(self, qmodel, layout, ctx: RunContext) -> None:
         # The grouping is checked against the model's units as soon as they exist: before any calibration.
-        self._check_fits(self.block_units(qmodel, ctx), ctx)
-        return qmodel, layout
+        self._check_fits(self._block_units(qmodel, ctx), ctx)
+
+    def _block_units(self, qmodel, ctx: RunContext) -> list[Unit]:
+        return partition(qmodel, ctx.fp_model, self.params.granularity, ctx.calib_images[:1].to(ctx.device))
 
     def _check_fits(self, base: list[Unit], ctx: RunContext) -> None:
         p = self.params
@@ -225,7 +223,7 @@ class MRECG(Reconstruction):
         shapes = [topology(u, fp_modules) for u in base]
         return [a == b for a, b in zip(shapes, shapes[1:])]
 
-    def make_plan(self, qmodel, base: list[Unit], ctx: RunContext) -> Plan:
+    def make_plan(self, method: Reconstruction, qmodel, base: list[Unit], ctx: RunContext) -> Plan:
         p = self.params
         names = [u.name for u in base]
         if p.scheme != "auto":
@@ -234,19 +232,19 @@ class MRECG(Reconstruction):
         if p.capacity == "params":
             capacities = [data_free_capacity(u, p.stride_alpha) for u in base]
         else:
-            losses = self.probe_losses(qmodel, base, ctx)
+            losses = self.probe_losses(method, qmodel, base, ctx)
             capacities = [1.0 / max(loss, 1e-30) for loss in losses]
         differences = capacity_differences(capacities, self._comparable(base, ctx), p.difference)
         pairs = select_pairs(differences, p.top_k)
         return Plan(names, groups_from_pairs(len(base), pairs), p.capacity, capacities, losses, differences, pairs)
 
-    def probe_losses(self, qmodel, base: list[Unit], ctx: RunContext) -> list[float]:
+    def probe_losses(self, method: Reconstruction, qmodel, base: list[Unit], ctx: RunContext) -> list[float]:
         """Each unit's round-to-nearest reconstruction error: the engine with zero iterations on a few images."""
         p = self.params
         images = ctx.calib_images[: p.probe_images]
         phase = Phase("mrecg-probe", iters=0, learn_rounding=False, learn_act_scale=False, quant_acts=True,
                       act_init_images=min(p.act_init_images, len(images)))
-        settings = dataclasses.replace(self.engine_settings(ctx), show_progress=False, log_every=100)
+        settings = dataclasses.replace(method.engine_settings(ctx), show_progress=False, log_every=100)
         saved = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}
         try:
             history = Engine(qmodel, base, images, ctx.device, settings).run([phase])
@@ -255,25 +253,47 @@ class MRECG(Reconstruction):
             qmodel.load_state_dict(saved)
         return [record["final_rec_loss"] for record in history]
 
-    def partition(self, qmodel, ctx: RunContext) -> Partition:
-        base = self.block_units(qmodel, ctx)
+    def partition(self, method, qmodel, ctx: RunContext) -> Partition:
+        base = self._block_units(qmodel, ctx)
         self._check_fits(base, ctx)
-        plan = self.make_plan(qmodel, base, ctx)
+        plan = self.make_plan(method, qmodel, base, ctx)
         log.info("mrecg groups (%s): %s", plan.source,
                  ", ".join("+".join(plan.base_units[i] for i in g) for g in plan.groups))
-        units = [merge_units(qmodel, [base[i] for i in g]) if len(g) > 1 else base[g[0]] for g in plan.groups]
+        units = []
+        for g in plan.groups:
+            unit = merge_units(qmodel, [base[i] for i in g]) if len(g) > 1 else base[g[0]]
+            if self.params.scale_iters:
+                unit.iters_scale = len(g)
+            units.append(unit)
         return Partition(units, record={"mrecg": plan.record()}, members=plan.groups,
                          notes=describe_plan(plan, self.params))
 
-    def unit_kind(self) -> str:
-        return f"{self.params.granularity}, on {self.params.base}"
-
-    def model_for_plan(self, ctx: RunContext):
-        p = self.params
+    def needs_calibrated_plan(self) -> bool:
         # The loss capacity needs a calibrated model: a dry run then calibrates and probes (seconds), nothing more.
-        if p.scheme == "auto" and p.capacity == "loss":
-            return self.calibrated_model(ctx, self.phases())
-        return self.prepare(ctx)[0]
+        return self.params.scheme == "auto" and self.params.capacity == "loss"
+
+    def unit_kind(self, method) -> str:
+        return f"{self.params.granularity}, {self.label}"
+
+
+# --------------------------------------------------------------------------------------------------- method
+@register("mrecg")
+class MRECG(Reconstruction):
+    multi_process = False   # its capacity probe under several processes is not tested yet
+    Config = MRECGConfig
+
+    def base_method(self) -> Reconstruction:
+        """The base plugin with our shared reconstruction settings (its own keys keep their defaults)."""
+        cls = BASES[self.params.base]
+        shared = {f.name: getattr(self.params, f.name) for f in dataclasses.fields(cls.Config)
+                  if f.init and hasattr(self.params, f.name)}
+        return cls(cls.Config(**shared))
+
+    def phases(self) -> list[Phase]:
+        return self.base_method().phases()
+
+    def make_parts(self):
+        return [MRECGGrouping(self.params, f"on {self.params.base}")]
 
 
 def describe_plan(plan: Plan, p: MRECGConfig) -> str:

@@ -35,9 +35,10 @@ import torch.nn as nn
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ptqkit.algorithms.engine import Hooks, UnitCache, reconstruction_loss
+from ptqkit.algorithms.engine import Hooks, UnitCache
 from ptqkit.algorithms.graph import prefix_module, suffix_module
 from ptqkit.algorithms.qdrop import QDrop
+from ptqkit.algorithms.reconstruction import Part
 from ptqkit.quant.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
 from ptqkit.algorithms.registry import register
 from ptqkit.errors import ConfigError
@@ -134,45 +135,36 @@ def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: tor
     return torch.cat(corrected), torch.cat(outputs), before / chunks, after / chunks
 
 
-class PDQuantHooks(Hooks):
-    def __init__(self, gm, params, fp_logits: Optional[torch.Tensor], device: torch.device):
-        self.gm, self.params, self.fp_logits, self.device = gm, params, fp_logits, device
+class PredictionDifferenceHooks(Hooks):
+    """PD-Quant's loss term: the unit's quantized output through the rest of the network (quantizers there off)
+    against the FP logits of the same images."""
+
+    def __init__(self, gm, params: "PredictionDifference", fp_logits: torch.Tensor):
+        self.gm, self.params, self.fp_logits = gm, params, fp_logits
         self.module = self.cache = self.suffix = None
         self.suffix_quantizers: list = []
 
     def unit_start(self, unit, module, cache, phase):
-        p = self.params
-        self.module = module
-        if p.pd:
-            try:
-                self.suffix = suffix_module(self.gm, unit.output)
-            except ValueError:
-                raise ConfigError("algorithm.granularity", "units that end where the rest of the network needs "
-                                  f"nothing else (algorithm.pd: unit {unit.name} does not)", p.granularity) from None
-            self.suffix_quantizers = [q for _, q in fake_quantizers(self.suffix)]
-        bns = [m for m in unit.modules.values() if isinstance(m, nn.BatchNorm2d)]
-        if p.dc and bns and p.dc_steps > 0:
-            start = time.perf_counter()
-            fp_in, fp_out, before, after = correct_inputs(module, bns, cache.fp_in, p, self.device,
-                                                          cache.fp_in.device, cache.fp_in.dtype)
-            log.info("%s distribution correction: BN distance %.4g -> %.4g (%.1f s)", unit.name, before, after,
-                     time.perf_counter() - start)
-            cache = UnitCache(cache.q_in, fp_in, fp_out)   # the engine carries its own, uncorrected cache on
-        self.cache = cache
+        self.module, self.cache = module, cache
+        try:
+            self.suffix = suffix_module(self.gm, unit.output)
+        except ValueError:
+            raise ConfigError("algorithm.granularity", "units that end where the rest of the network needs "
+                              f"nothing else (algorithm.pd: unit {unit.name} does not)",
+                              self.params.granularity) from None
+        self.suffix_quantizers = [q for _, q in fake_quantizers(self.suffix)]
         return cache
 
     def extra_loss(self, unit, out_q, batch, it, phase):
         p = self.params
         idx = batch.idx
-        if not p.pd:
-            return {}
-        if p.pd_output == "shared":
+        if p.output == "shared":
             out = out_q
         else:
             # The reference runs the unit on [mixed input; quantized input] in one batch and feeds the second half
             # on: the quantized input, activation drop still on. `rerun_nodrop` keeps every quantizer.
             q_in = self.cache.q_in[idx].to(out_q.device, torch.float32)
-            drop = keep_probability(unit.act_quantizers, 1.0) if p.pd_output == "rerun_nodrop" else \
+            drop = keep_probability(unit.act_quantizers, 1.0) if p.output == "rerun_nodrop" else \
                 contextlib.nullcontext()
             with drop:
                 out = self.module(q_in)
@@ -184,6 +176,57 @@ class PDQuantHooks(Hooks):
     def unit_end(self, unit):
         self.module = self.cache = self.suffix = None
         self.suffix_quantizers = []
+
+
+class DistributionCorrectionHooks(Hooks):
+    """PD-Quant's target: each unit's FP input corrected towards its BN statistics before the unit learns."""
+
+    def __init__(self, params: "DistributionCorrection", device: torch.device):
+        self.params, self.device = params, device
+
+    def unit_start(self, unit, module, cache, phase):
+        p = self.params
+        bns = [m for m in unit.modules.values() if isinstance(m, nn.BatchNorm2d)]
+        if not bns or p.dc_steps <= 0:
+            return cache
+        start = time.perf_counter()
+        fp_in, fp_out, before, after = correct_inputs(module, bns, cache.fp_in, p, self.device, cache.fp_in.device,
+                                                      cache.fp_in.dtype)
+        log.info("%s distribution correction: BN distance %.4g -> %.4g (%.1f s)", unit.name, before, after,
+                 time.perf_counter() - start)
+        return UnitCache(cache.q_in, fp_in, fp_out)   # the engine carries its own, uncorrected cache on
+
+
+@dataclass
+class PredictionDifference(Part):
+    """The prediction-difference loss term (PD-Quant): (1 / lamb_r) KL(softmax(z_fp / T) || softmax(z_q / T))."""
+    lamb_r: float
+    T: float
+    output: str                    # rerun | rerun_nodrop | shared
+    granularity: str               # for the error message when a unit's output does not lead to the logits
+    name = "pd"
+    multi_process = False          # the FP logits are indexed by the whole calibration set
+
+    def hooks(self, qmodel, units, ctx, method):
+        # Fixed for the whole run: the FP network never changes, and the engine draws batches by image index.
+        with torch.no_grad():
+            fp_logits = torch.cat([ctx.fp_model(ctx.calib_images[i:i + 256].to(ctx.device)).cpu()
+                                   for i in range(0, len(ctx.calib_images), 256)])
+        return PredictionDifferenceHooks(qmodel, self, fp_logits)
+
+
+@dataclass
+class DistributionCorrection(Part):
+    """Distribution correction (PD-Quant): the target is FP_unit(x̂), x̂ the FP input corrected towards the unit's
+    BN running statistics (needs quant.fold_bn false)."""
+    lamb_c: float
+    bn_lr: float
+    dc_steps: int
+    dc_batch: int
+    name = "dc"
+
+    def hooks(self, qmodel, units, ctx, method):
+        return DistributionCorrectionHooks(self, ctx.device)
 
 
 @register("pdquant")
@@ -222,11 +265,11 @@ class PDQuant(QDrop):
                 raise ConfigError("quant.fold_bn", "false when algorithm.dc is true (distribution correction "
                                   "needs the BN layers)", True)
 
-    def hooks(self, qmodel, units, ctx):
-        fp_logits = None
-        if self.params.pd:
-            # Fixed for the whole run: the FP network never changes, and the engine draws batches by image index.
-            with torch.no_grad():
-                fp_logits = torch.cat([ctx.fp_model(ctx.calib_images[i:i + 256].to(ctx.device)).cpu()
-                                       for i in range(0, len(ctx.calib_images), 256)])
-        return PDQuantHooks(qmodel, self.params, fp_logits, ctx.device)
+    def make_parts(self):
+        p = self.params
+        parts = []
+        if p.pd:
+            parts.append(PredictionDifference(p.lamb_r, p.T, p.pd_output, p.granularity))
+        if p.dc:
+            parts.append(DistributionCorrection(p.lamb_c, p.bn_lr, p.dc_steps, p.dc_batch))
+        return parts

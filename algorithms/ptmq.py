@@ -30,6 +30,7 @@ Choices the paper leaves open (it released no code):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -43,7 +44,7 @@ from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.engine import (DropRule, Hooks, Phase, UnitCache, init_act_steps, phase_state,
                                       reconstruction_loss)
 from ptqkit.algorithms.graph import prefix_module
-from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.reconstruction import Part, Reconstruction, ReconstructionConfig
 from ptqkit.algorithms.registry import register
 from ptqkit.algorithms.units import Unit
 from ptqkit.errors import ConfigError
@@ -112,10 +113,15 @@ class PTMQConfig(ReconstructionConfig):
                 raise ConfigError("algorithm.act_bits", f"a bit set (the paper has none for W{w_bits}): "
                                   + _BITS_FORM, None)
             self.act_bits = list(PAPER_BIT_SETS[w_bits])
-        bits = sorted({b for g in bit_groups(self.act_bits) for b in g})
-        if cfg.quant.a.bits not in bits:
-            raise ConfigError("algorithm.act_bits", f"a set holding quant.a.bits = {cfg.quant.a.bits} (the "
-                              "bit-width the model is returned, evaluated and saved at)", self.act_bits)
+        check_bit_set(self.act_bits, cfg)
+
+
+def check_bit_set(act_bits, cfg) -> None:
+    """The bit set must hold quant.a.bits: the bit-width the model is returned, evaluated and saved at."""
+    bits = sorted({b for g in bit_groups(act_bits) for b in g})
+    if cfg.quant.a.bits not in bits:
+        raise ConfigError("algorithm.act_bits", f"a set holding quant.a.bits = {cfg.quant.a.bits} (the "
+                          "bit-width the model is returned, evaluated and saved at)", act_bits)
 
 
 class PTMQHooks(Hooks):
@@ -202,10 +208,16 @@ class PTMQHooks(Hooks):
                          "active_bits": self.default_bits, "units": self.records}}
 
 
-@register("ptmq")
-class PTMQ(Reconstruction):
+@dataclass
+class MultiBit(Part):
+    """PTMQ's multi-bit activations as a part: every activation quantizer but those the 8-bit conventions fix
+    holds one step per bit-width of `params.act_bits`, steps are initialised per bit-width on each unit's own
+    inputs, the loss is PTMQ's mixer and group-wise distillation, and the model is evaluated at every bit-width.
+    `params` holds the PTMQConfig keys (act_bits, lambda1-3, mixed_p, gamma1-3, act_init_images, cache_device,
+    cache_dtype)."""
+    params: Any
+    name = "multibit"
     multi_process = False   # its multi-bit quantizers are not merged over processes yet
-    Config = PTMQConfig
 
     @property
     def groups(self) -> list[tuple[int, ...]]:
@@ -215,26 +227,20 @@ class PTMQ(Reconstruction):
     def bit_set(self) -> list[int]:
         return sorted({b for g in self.groups for b in g})
 
-    def phases(self) -> list[Phase]:
-        p = self.params
+    def phase(self, phase: Phase) -> Phase:
         # Steps are initialised per bit-width by PTMQHooks, and the drop rule applied to each bit-width's input.
-        return [self.base_phase(learn_rounding=True, learn_act_scale=True, quant_acts=True, act_init_images=0,
-                                drop=DropRule(keep_prob=p.prob, input_prob=p.input_prob))]
+        return dataclasses.replace(phase, act_init_images=0)
 
-    def prepare(self, ctx: RunContext):
-        """The prepared model with every activation quantizer multi-bit, except those the conventions fix."""
-        qmodel, layout = super().prepare(ctx)
+    def prepare(self, qmodel, layout, ctx: RunContext) -> None:
+        """Every activation quantizer multi-bit, except those the conventions fix."""
         fixed = set(layout.input_quantizers)
         if layout.last_input_quantizer is not None and ctx.cfg.quant.last_layer_a_bits is not None:
             fixed.add(layout.last_input_quantizer)
         names = [n for n, q in fake_quantizers(qmodel) if isinstance(q, ActQuantizer) and n not in fixed]
         for name in names:
             make_multibit(qmodel, name, self.bit_set, ctx.cfg.quant.a.bits)
-        return qmodel, layout
 
-    def calibrated_model(self, ctx: RunContext, phases: list[Phase]):
-        qmodel, _ = self.prepare(ctx)
-        batch = ctx.cfg.data.calibration.batch_size
+    def calibrate(self, qmodel, ctx: RunContext, batch: int) -> bool:
         if self.params.act_init_images > 0:
             # Every unit re-observes its activation ranges at each bit-width on its own inputs: this pass only
             # sets the weight ranges.
@@ -248,13 +254,13 @@ class PTMQ(Reconstruction):
                     for q in multibit_quantizers(qmodel):
                         reset_observer(q)
                     pq.calibrate(qmodel, images, batch, ctx.device, bar)
-        return qmodel
+        return True
 
-    def hooks(self, qmodel, units, ctx: RunContext) -> Hooks:
+    def hooks(self, qmodel, units, ctx: RunContext, method) -> Hooks:
         p = self.params
         store = ctx.device if p.cache_device == "auto" else torch.device(p.cache_device)
         return PTMQHooks(qmodel, ctx.calib_images, ctx.device, store, getattr(torch, p.cache_dtype),
-                         self.engine_settings(ctx).eval_batch, p, ctx.cfg.quant.a.bits)
+                         method.engine_settings(ctx).eval_batch, p, ctx.cfg.quant.a.bits)
 
     def notes(self, qmodel) -> str:
         fixed = [f"{n} ({q.bitwidth} bit)" for n, q in fake_quantizers(qmodel)
@@ -275,3 +281,17 @@ class PTMQ(Reconstruction):
             log.info("ptmq W%dA%d top-1 %.2f %% (FP32 %.2f %% on the same %d images)", w_bits, bits,
                      result["top1"], fp32["top1"], result["images"])
         return {"activation_bits": rows}
+
+
+@register("ptmq")
+class PTMQ(Reconstruction):
+    multi_process = False   # its multi-bit quantizers are not merged over processes yet
+    Config = PTMQConfig
+
+    def phases(self) -> list[Phase]:
+        p = self.params
+        return [self.base_phase(learn_rounding=True, learn_act_scale=True, quant_acts=True,
+                                drop=DropRule(keep_prob=p.prob, input_prob=p.input_prob))]
+
+    def make_parts(self):
+        return [MultiBit(self.params)]

@@ -1,13 +1,17 @@
 """What the reconstruction methods share: their config, and the run — prepare, calibrate, partition, reconstruct.
 
-A method subclasses `Reconstruction` and says only what differs: its `phases()` (which variables learn, with
-which drop rule and for how long), optionally its unit grouping (`partition()`), engine hooks (`hooks()`) and
-the notes a dry run prints beside the units (`notes()`).
+A method is its phases (`phases()`: which variables learn, with which drop rule, for how long) and a list of
+parts (`parts()`): the pieces the published methods add to plain block reconstruction — PD-Quant's prediction
+difference and distribution correction, MRECG's unit grouping, PTMQ's multi-bit activations, a user's own loss
+term. A part may change the prepared model, calibrate it, cut it into units, add engine hooks and evaluations;
+the run below asks each one. `compose` (algorithms/compose.py) takes the parts from YAML, and the named methods
+are fixed choices of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import cached_property
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -15,7 +19,7 @@ from tqdm import tqdm
 from ptqkit import distributed
 from ptqkit.algorithms import progress
 from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
-from ptqkit.algorithms.engine import Engine, EngineSettings, Hooks, Phase
+from ptqkit.algorithms.engine import CompositeHooks, Engine, EngineSettings, Hooks, Phase
 from ptqkit.algorithms.units import GRANULARITIES, Unit, describe_units, partition
 from ptqkit.quant import prepare as pq
 from ptqkit.schema import spec
@@ -57,6 +61,43 @@ class Partition:
     notes: str = ""                                   # printed by a dry run above the unit table
 
 
+class Part:
+    """One combinable piece of a reconstruction method. Every method here has a default that does nothing."""
+    name = "part"
+    multi_process = True          # runs under torchrun (shown by a test)
+
+    def phase(self, phase: Phase) -> Phase:
+        """The phase as this part needs it (PTMQ initialises activation steps itself)."""
+        return phase
+
+    def prepare(self, qmodel, layout: pq.QuantLayout, ctx: RunContext) -> None:
+        """Change the prepared model before calibration (e.g. multi-bit activation quantizers)."""
+
+    def calibrate(self, qmodel, ctx: RunContext, batch: int) -> bool:
+        """Calibrate the model itself; False leaves it to the method."""
+        return False
+
+    def partition(self, method: "Reconstruction", qmodel, ctx: RunContext) -> Optional[Partition]:
+        """The units, when this part groups them (None: the method's granularity)."""
+        return None
+
+    def needs_calibrated_plan(self) -> bool:
+        """Whether `partition` needs calibrated ranges (a dry run then calibrates)."""
+        return False
+
+    def unit_kind(self, method: "Reconstruction") -> Optional[str]:
+        return None
+
+    def hooks(self, qmodel, units: list[Unit], ctx: RunContext, method: "Reconstruction") -> Optional[Hooks]:
+        return None
+
+    def extra_evaluations(self, ctx: RunContext, qmodel, evaluate: Callable) -> Optional[dict]:
+        return None
+
+    def notes(self, qmodel) -> str:
+        return ""
+
+
 class Reconstruction(Algorithm):
     Config = ReconstructionConfig
     multi_process = True
@@ -65,28 +106,64 @@ class Reconstruction(Algorithm):
     def phases(self) -> list[Phase]:
         raise NotImplementedError
 
+    def make_parts(self) -> list[Part]:
+        """The parts this method adds to block reconstruction (from its config alone)."""
+        return []
+
+    # ------------------------------------------------------------------------------------- shared parts
+    @cached_property
+    def parts(self) -> list[Part]:
+        return self.make_parts()
+
+    def runs_multi_process(self) -> bool:
+        return type(self).multi_process and all(part.multi_process for part in self.parts)
+
+    def run_phases(self) -> list[Phase]:
+        """`phases()` as the parts need them."""
+        phases = self.phases()
+        for part in self.parts:
+            phases = [part.phase(ph) for ph in phases]
+        return phases
+
+    def prepare(self, ctx: RunContext):
+        qmodel, layout = super().prepare(ctx)
+        for part in self.parts:
+            part.prepare(qmodel, layout, ctx)
+        return qmodel, layout
+
     def partition(self, qmodel, ctx: RunContext) -> Partition:
-        """The units, at the configured granularity."""
+        """The units: a grouping part's, else the configured granularity's."""
+        for part in self.parts:
+            plan = part.partition(self, qmodel, ctx)
+            if plan is not None:
+                return plan
         return Partition(self.block_units(qmodel, ctx))
 
     def hooks(self, qmodel, units: list[Unit], ctx: RunContext) -> Hooks:
-        return Hooks()
+        hooks = [h for part in self.parts if (h := part.hooks(qmodel, units, ctx, self)) is not None]
+        return hooks[0] if len(hooks) == 1 else CompositeHooks(hooks)
 
     def notes(self, qmodel) -> str:
         """What a dry run prints after the unit table."""
-        return ""
+        return "\n".join(n for part in self.parts if (n := part.notes(qmodel)))
 
     def unit_kind(self) -> str:
         """How a dry run names the units in its table's heading."""
-        return self.params.granularity
+        kinds = [k for part in self.parts if (k := part.unit_kind(self))]
+        return kinds[0] if kinds else self.params.granularity
 
-    # ------------------------------------------------------------------------------------- shared parts
+    def extra_evaluations(self, ctx: RunContext, qmodel, evaluate) -> Optional[dict]:
+        out = {}
+        for part in self.parts:
+            out.update(part.extra_evaluations(ctx, qmodel, evaluate) or {})
+        return out or None
+
     def units(self, qmodel, ctx: RunContext) -> list[Unit]:
         """The units this method reconstructs (its partition's)."""
         return self.partition(qmodel, ctx).units
 
     def block_units(self, qmodel, ctx: RunContext) -> list[Unit]:
-        """The units at the configured granularity, before any method-specific grouping."""
+        """The units at the configured granularity, before any grouping."""
         return partition(qmodel, ctx.fp_model, self.params.granularity, ctx.calib_images[:1].to(ctx.device))
 
     def base_phase(self, name: Optional[str] = None, **overrides) -> Phase:
@@ -100,18 +177,25 @@ class Reconstruction(Algorithm):
 
     def calibrated_model(self, ctx: RunContext, phases: list[Phase]):
         qmodel, _ = self.prepare(ctx)
-        images = ctx.calib_images
-        act_phases = [ph for ph in phases if ph.quant_acts]
-        if act_phases and act_phases[0].act_init_images > 0:
-            # Every activation quantizer belongs to a unit and is re-observed on that unit's own inputs before
-            # activations are first quantized: observing them on all images here would be thrown away.
-            images = images[: ctx.cfg.data.calibration.batch_size]
-        with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
-            pq.calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
+        batch = ctx.cfg.data.calibration.batch_size
+        if ctx.prepared is not None:      # calibrated already (MQBench's flow): only a part's own calibration
+            any(part.calibrate(qmodel, ctx, batch) for part in self.parts)
+        elif not any(part.calibrate(qmodel, ctx, batch) for part in self.parts):
+            images = ctx.calib_images
+            act_phases = [ph for ph in phases if ph.quant_acts]
+            if act_phases and act_phases[0].act_init_images > 0:
+                # Every activation quantizer belongs to a unit and is re-observed on that unit's own inputs before
+                # activations are first quantized: observing them on all images here would be thrown away.
+                images = images[:batch]
+            with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
+                pq.calibrate(qmodel, images, batch, ctx.device, bar)
+        self.after_calibration(qmodel, ctx)
         return qmodel
 
     def model_for_plan(self, ctx: RunContext):
-        """The model a dry run partitions (a method whose partition needs calibrated ranges calibrates it)."""
+        """The model a dry run partitions (a part whose partition needs calibrated ranges gets it calibrated)."""
+        if any(part.needs_calibrated_plan() for part in self.parts):
+            return self.calibrated_model(ctx, self.run_phases())
         return self.prepare(ctx)[0]
 
     def describe(self, ctx: RunContext) -> str:
@@ -129,7 +213,7 @@ class Reconstruction(Algorithm):
                               show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
 
     def run(self, ctx: RunContext):
-        phases = self.phases()
+        phases = self.run_phases()
         qmodel = self.calibrated_model(ctx, phases)
         plan = self.partition(qmodel, ctx)
         units = plan.units

@@ -49,6 +49,7 @@ class Unit:
     output: fx.Node
     nodes: list[fx.Node]                      # topological order, `input` excluded
     modules: dict[str, nn.Module] = field(default_factory=dict)  # call_module targets inside the unit
+    iters_scale: int = 1                      # the unit learns for this many times the phase's iterations
 
     @property
     def weight_layers(self) -> list[str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import os
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -150,12 +152,44 @@ class Config:
     quant: QuantConfig
     algorithm: Any  # the registered algorithm's own config dataclass, with `name`
     runtime: RuntimeConfig
+    custom_imports: list = dataclasses.field(default_factory=list)  # the user's modules, imported before the rest
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
 
 SECTIONS = ("model", "data", "quant", "algorithm", "runtime")
+TOP_LEVEL = SECTIONS + ("custom_imports",)
+
+
+def import_custom(modules, search_dirs=()) -> list[str]:
+    """Import the user's modules (`custom_imports: [my_methods, ...]`) so that what they register — methods, loss
+    terms, models — is known by name before the rest of the config is checked. A module is looked up in
+    `search_dirs` (the config file's folder), the working directory, then the usual import path."""
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ConfigError("custom_imports", "a list of module names", modules)
+    extra = [d for d in (*search_dirs, os.getcwd()) if d not in sys.path]
+    sys.path[:0] = extra
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name is not None and name.split(".")[0] == exc.name.split(".")[0]:
+                    raise ConfigError("custom_imports", "a module found in the config's folder, the working "
+                                      "directory or the Python path", name) from None
+                raise ConfigError("custom_imports", f"a module that imports cleanly (ModuleNotFoundError: {exc})",
+                                  name) from None
+            except ConfigError:
+                raise
+            except Exception as exc:  # the user's module failed while importing: say where, in one line
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError("custom_imports", f"a module that imports cleanly ({type(exc).__name__}: "
+                                  f"{reason})", name) from None
+    finally:
+        for d in extra:
+            sys.path.remove(d)
+    return list(modules)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -229,12 +263,14 @@ def apply_overrides(tree: dict, overrides) -> dict:
     return tree
 
 
-def validate(tree: dict) -> Config:
-    """Check the whole merged tree and build the typed config. Raises ConfigError on the first problem."""
-    unknown = [k for k in tree if k not in SECTIONS]
+def validate(tree: dict, search_dirs=()) -> Config:
+    """Check the whole merged tree and build the typed config. Raises ConfigError on the first problem.
+    `search_dirs`: where `custom_imports` modules are looked for first (the config file's folder)."""
+    unknown = [k for k in tree if k not in TOP_LEVEL]
     if unknown:
-        raise ConfigError(str(unknown[0]), "a known section (one of: " + ", ".join(SECTIONS) + ")",
+        raise ConfigError(str(unknown[0]), "a known section (one of: " + ", ".join(TOP_LEVEL) + ")",
                           show_actual=False)
+    custom = import_custom(tree.get("custom_imports", []), search_dirs)
     for section in SECTIONS:
         if not isinstance(tree.get(section, {}), dict):
             raise ConfigError(section, "a mapping", tree.get(section))
@@ -245,10 +281,10 @@ def validate(tree: dict) -> Config:
     algo_tree = dict(tree.get("algorithm", {}))
     name = algo_tree.pop("name", "naive")
     algo_cls = get_algorithm(name)
-    params = build(algo_cls.Config, algo_tree, "algorithm")
+    params = build(algo_cls.Config, algo_cls.expand(algo_tree), "algorithm")
     params.name = name
     apply_algorithm_defaults(params, model.algorithm_defaults)
-    cfg = Config(model=model, data=data, quant=quant, algorithm=params, runtime=runtime)
+    cfg = Config(model=model, data=data, quant=quant, algorithm=params, runtime=runtime, custom_imports=custom)
     params.finalize(cfg)
     return cfg
 
@@ -272,7 +308,7 @@ def apply_algorithm_defaults(params, defaults: dict) -> None:
 
 
 def load_config(path: str, overrides=()) -> Config:
-    return validate(apply_overrides(load_yaml_tree(path), overrides))
+    return validate(apply_overrides(load_yaml_tree(path), overrides), [os.path.dirname(os.path.abspath(path))])
 
 
 def dump_config(cfg: Config) -> str:

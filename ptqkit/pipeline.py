@@ -161,10 +161,11 @@ def quant_summary(cfg: Config) -> str:
     return f"W{q.w.bits}A{32 if q.a.bits is None else q.a.bits}"   # A32: activations in full precision
 
 
-def check_multi_process(cfg: Config, algorithm_cls) -> None:
-    if not algorithm_cls.multi_process:
+def check_multi_process(cfg: Config, algorithm) -> None:
+    if not algorithm.runs_multi_process():
         raise ConfigError("algorithm.name", "an algorithm that runs under torchrun ("
-                          + ", ".join(multi_process_algorithms()) + ")", cfg.algorithm.name)
+                          + ", ".join(multi_process_algorithms()) + "; a composition without the parts that do "
+                          "not: pd, grouping mrecg, act_bits)", cfg.algorithm.name)
     if cfg.quant.a.observer not in distributed.MERGEABLE_OBSERVERS:
         raise ConfigError("quant.a.observer", "minmax, mse or hist_mse under torchrun (EMA observers depend on the "
                           "order of batches, which processes split)", cfg.quant.a.observer)
@@ -197,7 +198,7 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
     timer = PhaseTimer()
     algorithm_cls = get_algorithm(cfg.algorithm.name)
     if distributed.world_size() > 1:
-        check_multi_process(cfg, algorithm_cls)
+        check_multi_process(cfg, algorithm_cls(cfg.algorithm))
     if resume is None and distributed.is_main():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))

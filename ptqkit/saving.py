@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ptqkit.algorithms.prepass import equalize
 from ptqkit.config import validate
 from ptqkit.errors import CheckpointError
 from ptqkit.files import read_blob, save_atomic
 from ptqkit.models import build_model
 from ptqkit.quant.prepare import prepare_quantized
 from ptqkit.quant.quantizers import fake_quantizers, make_multibit
-from ptqkit.quant.state import match_quantizer_shapes, quantizer_attrs, restore_attrs
+from ptqkit.quant.state import add_missing_biases, match_quantizer_shapes, quantizer_attrs, restore_attrs
 
 FORMAT = "ptqkit-quantized-v1"
 
@@ -37,8 +38,11 @@ def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     blob = read_blob(path, "quantized model", FORMAT, "save_quantized")
     cfg = validate(blob["config"])
     fp = build_model(cfg.model.name, **cfg.model.kwargs).eval()
+    if "cle" in cfg.algorithm.prepasses:
+        equalize(fp, cfg.model.leaf_modules)   # its weights come from the state; its ReLU6 -> ReLU swaps do not
     qmodel, _ = prepare_quantized(fp, cfg.quant, cfg.model.leaf_modules)
     state = blob["state_dict"]
+    add_missing_biases(qmodel, state)          # bias correction gives biases to layers built without
     attrs = blob.get("quantizers", {})
     built = dict(fake_quantizers(qmodel))
     for name, entry in attrs.items():

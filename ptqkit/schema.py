@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from ptqkit.errors import ConfigError
 

@@ -59,7 +59,7 @@ def test_base_paths_are_relative_to_the_including_file(tmp_path):
     (base_tree(algorithm={"name": "qdrop", "prob": 1.5}),
      r"^config key 'algorithm\.prob': expected a value in \[0\.0, 1\.0\], got 1\.5$"),
     (base_tree(algorithm={"name": "brecq", "prob": 0.5}),
-     r"^config key 'algorithm\.prob': expected a known key \(one of: name, iters, "),
+     r"^config key 'algorithm\.prob': expected a known key \(one of: name, prepasses, prepass_images, iters, "),
     (base_tree(runtime={"device": "tpu"}), r"^config key 'runtime\.device': expected one of auto, cpu, cuda, got 'tpu'$"),
     (base_tree(model={"name": "resnet21"}), r"^config key 'model\.name': expected one of: cifar_resnet20, "),
     (dict(base_tree(), extra={"x": 1}), r"^config key 'extra': expected a known section \(one of: model, data, "),

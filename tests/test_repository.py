@@ -16,7 +16,7 @@ LAYERS = [
     ["ptqkit.models", "ptqkit.data"],
     ["ptqkit.algorithms.engine", "ptqkit.algorithms.units", "ptqkit.algorithms.graph", "ptqkit.algorithms.heap",
      "ptqkit.algorithms.progress", "ptqkit.algorithms.registry", "ptqkit.algorithms.base",
-     "ptqkit.algorithms.reconstruction", "ptqkit.algorithms.bns"],
+     "ptqkit.algorithms.reconstruction", "ptqkit.algorithms.bns", "ptqkit.algorithms.prepass"],
     ["ptqkit.algorithms"],
     ["ptqkit.config", "ptqkit.pipeline", "ptqkit.saving"],
     ["ptqkit.tools", "ptqkit.cli", "ptqkit.__main__", "ptq_main"],

@@ -74,6 +74,13 @@ def _leaf_classes(model: nn.Module, names) -> tuple:
     return tuple(classes[n] for n in names)
 
 
+def trace(model: nn.Module, leaf_modules=()) -> torch.fx.GraphModule:
+    """The FP model as a GraphModule (MQBench's tracer, `leaf_modules` class names kept whole)."""
+    trace_check(model, leaf_modules)
+    graph = CustomedTracer(customed_leaf_module=_leaf_classes(model, leaf_modules)).trace(model)
+    return torch.fx.GraphModule(model, graph)
+
+
 def trace_check(model: nn.Module, leaf_modules=()) -> None:
     """Fail early, in one line, if torch.fx cannot trace the model."""
     try:
@@ -85,7 +92,8 @@ def trace_check(model: nn.Module, leaf_modules=()) -> None:
             "(hint: list the offending module classes in model.leaf_modules)") from None
 
 
-def _layout(gm: torch.fx.GraphModule) -> QuantLayout:
+def layout_of(gm: torch.fx.GraphModule) -> QuantLayout:
+    """Where the first/last layers and the network-input quantizers of a prepared model are."""
     modules = dict(gm.named_modules())
     layout = QuantLayout()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -143,7 +151,7 @@ def prepare_quantized(fp_model: nn.Module, qcfg, leaf_modules=()) -> tuple[torch
     backend = {"academic": BackendType.Academic}[qcfg.backend]
     gm = prepare_by_platform(model, backend, custom)
     gm.eval()
-    layout = _layout(gm)
+    layout = layout_of(gm)
     modules = dict(gm.named_modules())
     w_bits = {name: qcfg.first_layer_w_bits for name in layout.first_layers}
     if layout.last_layer is not None:

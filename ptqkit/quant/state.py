@@ -8,6 +8,8 @@ saved beside the state dict (`quantizer_attrs`) and put back (`restore_attrs`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -72,3 +74,42 @@ def match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> N
             buf = owner._buffers[attr]
             if buf.shape != saved.shape:
                 owner._buffers[attr] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
+
+
+# -------------------------------------------------------------------------------------- corrected biases
+_FP_BIAS = "_ptq_fp_bias"   # a plain attribute, not a buffer: the saved state holds the corrected bias only
+
+
+def correct_bias(layer: nn.Module, delta: torch.Tensor) -> None:
+    """Add `delta` to `layer`'s bias (a layer without one gets one), keeping its full-precision bias beside, for
+    `fp_biases`."""
+    if not hasattr(layer, _FP_BIAS):
+        setattr(layer, _FP_BIAS, None if layer.bias is None else layer.bias.detach().clone())
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                              device=layer.weight.device), requires_grad=False)
+    layer.bias.data.add_(delta.to(layer.bias))
+
+
+@contextlib.contextmanager
+def fp_biases(module: nn.Module):
+    """Inside: every corrected bias in `module` is its full-precision value again (zero where there was none)."""
+    swapped = []
+    for m in module.modules():
+        if hasattr(m, _FP_BIAS):
+            fp = getattr(m, _FP_BIAS)
+            swapped.append((m, m.bias.data))
+            m.bias.data = fp.to(m.bias) if fp is not None else torch.zeros_like(m.bias)
+    try:
+        yield
+    finally:
+        for m, data in swapped:
+            m.bias.data = data
+
+
+def add_missing_biases(qmodel: nn.Module, state: dict) -> None:
+    """Zero biases where a saved (bias-corrected) model has one and a freshly prepared one has none."""
+    for name, m in qmodel.named_modules():
+        key = f"{name}.bias" if name else "bias"
+        if key in state and hasattr(m, "weight") and getattr(m, "bias", 0) is None:
+            m.bias = nn.Parameter(torch.zeros_like(state[key]), requires_grad=False)

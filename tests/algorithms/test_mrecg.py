@@ -96,7 +96,7 @@ def test_data_free_capacity_numbers_and_tie_break(resnet20, cifar_calib):
     method, ctx = _context(resnet20, cifar_calib[:32], top_k=2)
     qmodel, _ = method.prepare(ctx)
     units = method.units(qmodel, ctx)
-    plan = method.make_plan(qmodel, method.block_units(qmodel, ctx), ctx)
+    plan = method.parts[0].make_plan(method, qmodel, method.block_units(qmodel, ctx), ctx)
     caps = dict(zip(plan.base_units, plan.capacities))
     # conv1 and linear: 8-bit weights; blocks: 2-bit; a stride-2 conv counts 0.5 of its weights.
     assert caps["conv1"] == 3 * 16 * 9 * 8 and caps["linear"] == 64 * 10 * 8
@@ -109,7 +109,7 @@ def test_data_free_capacity_numbers_and_tie_break(resnet20, cifar_calib):
     assert [u.name for u in units] == ["conv1", "layer1.0", "layer1.1", "layer1.2+layer2.0", "layer2.1",
                                        "layer2.2+layer3.0", "layer3.1", "layer3.2", "linear"]
     method.params.top_k = 1
-    assert method.make_plan(qmodel, method.block_units(qmodel, ctx), ctx).merged_pairs == [3]                       # the tie goes to the earlier pair
+    assert method.parts[0].make_plan(method, qmodel, method.block_units(qmodel, ctx), ctx).merged_pairs == [3]                       # the tie goes to the earlier pair
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
@@ -123,7 +123,7 @@ def test_loss_capacity_merging_is_deterministic_merges_top_k_pairs_and_restores_
         torch.manual_seed(1005)
         units = method.units(qmodel, ctx)
         torch.manual_seed(1005)
-        plans.append(method.make_plan(qmodel, method.block_units(qmodel, ctx), ctx))
+        plans.append(method.parts[0].make_plan(method, qmodel, method.block_units(qmodel, ctx), ctx))
         assert len(units) == 11 - top_k
     assert plans[0].groups == plans[1].groups and plans[0].probe_losses == plans[1].probe_losses
     assert len(plans[0].merged_pairs) == top_k
@@ -173,7 +173,7 @@ def test_imagenet_hand_written_schemes_fit_our_units():
             # The data-free capacity with the log-ratio difference selects exactly the released scheme.
             method = MRECG(dataclasses.replace(cfg.algorithm, scheme="auto", capacity="params", top_k=2))
             ctx = RunContext(cfg, fp, torch.zeros(1, 3, 224, 224), torch.zeros(1), CPU, show_progress=False)
-            assert method.make_plan(qmodel, units, ctx).groups == groups
+            assert method.parts[0].make_plan(method, qmodel, units, ctx).groups == groups
 
 
 def make_run(root, name, algorithm, units):
