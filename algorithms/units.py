@@ -32,6 +32,7 @@ import torchvision.models.mobilenetv2 as tv_mbv2
 import torchvision.models.regnet as tv_regnet
 import torchvision.models.resnet as tv_resnet
 
+from ptqkit.quant.prepare import ACT_BOUNDARY
 from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer, fp_mode
 from ptqkit.models import cifar_resnet
 from ptqkit.errors import ConfigError
@@ -109,7 +110,8 @@ def _atomic_segments(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
         live = {n for n in live if last_use.get(n, -1) > i}
         if last_use.get(node, -1) > i:
             live.add(node)
-        is_quant = node.op == "call_module" and isinstance(modules[node.target], ActQuantizer)
+        is_quant = (node.op == "call_module" and isinstance(modules[node.target], ActQuantizer)) or \
+            node.meta.get(ACT_BOUNDARY, False)       # weight-only: where the quantizer was
         if node.op == "placeholder" or (is_quant and live == {node}):
             boundaries.append(node)
     output = next(n for n in nodes if n.op == "output")

@@ -57,6 +57,9 @@ def _qconfig_dict(qcfg) -> dict:
     }
 
 
+ACT_BOUNDARY = "ptqkit_act_boundary"   # node meta key: an activation quantizer sat on this value (weight-only)
+
+
 @dataclass
 class QuantLayout:
     """Where the convention-bearing quantizers sit in a prepared model."""
@@ -118,8 +121,14 @@ def layout_of(gm: torch.fx.GraphModule) -> QuantLayout:
 
 
 def _weight_only(gm: torch.fx.GraphModule, layout: QuantLayout, qcfg) -> QuantLayout:
-    """Every activation quantizer out of the graph: activations stay in full precision."""
-    _remove_quantizers(gm, [name for name, q in fake_quantizers(gm) if isinstance(q, ActQuantizer)])
+    """Every activation quantizer out of the graph: activations stay in full precision. Where one was, the value it
+    quantized is marked (`node.meta[ACT_BOUNDARY]`): reconstruction units are cut there as in the quantized graph,
+    so that weight-only BRECQ reconstructs blocks, not the whole network as one unit."""
+    names = {name for name, q in fake_quantizers(gm) if isinstance(q, ActQuantizer)}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in names and isinstance(node.args[0], torch.fx.Node):
+            node.args[0].meta[ACT_BOUNDARY] = True
+    _remove_quantizers(gm, list(names))
     conventions = [key for key in ("last_layer_a_bits", "input_bits") if getattr(qcfg, key) is not None]
     if conventions:
         log.info("weight-only quantization (quant.a.bits null): %s ignored, activations stay in full precision",

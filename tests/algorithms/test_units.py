@@ -32,3 +32,15 @@ def test_units_that_share_a_parent_module_are_named_by_their_layers():
     assert names == ["layers.0", "layers.3", "layers.6", "layers.9", "layers.10", "fc"]
     layer_names = [u.name for u in partition(gm, model, "layer", torch.zeros(1, 3, 8, 8))]
     assert len(set(layer_names)) == len(layer_names) and layer_names[:3] == ["layers.0", "layers.3", "layers.6"]
+
+
+def test_weight_only_units_are_cut_where_the_activation_quantizers_would_be(resnet20):
+    """With quant.a.bits null there is no activation quantizer to cut the graph at: units must still be the blocks
+    (found broken once: weight-only BRECQ reconstructed all of ResNet-20 as one unit, 26 % top-1 at W2A32)."""
+    for granularity in ("block", "stage"):
+        units = {}
+        for a_bits in (4, None):
+            gm, _ = prepare_quantized(resnet20, validate(base_tree(quant={"a": {"bits": a_bits}})).quant)
+            units[a_bits] = [(u.name, u.weight_layers) for u in partition(gm, resnet20, granularity,
+                                                                           torch.zeros(1, 3, 32, 32))]
+        assert units[None] == units[4] and len(units[4]) > 3, granularity
