@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import logging
 import os
 import sys
 import typing
@@ -17,11 +18,13 @@ from typing import Any, Optional
 
 import yaml
 
-from ptqkit import algorithms  # noqa: F401  (registers every shipped method)
+from ptqkit import algorithms, mqbench_config  # noqa: F401  (algorithms: registers every shipped method)
 from ptqkit.algorithms.registry import get_algorithm, registered_algorithms
 from ptqkit.errors import ConfigError, UserError
 from ptqkit.models import available_models
 from ptqkit.schema import build, check_field, convert, spec, to_dict
+
+log = logging.getLogger("ptq")
 
 OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse", "hist_mse")  # hist_mse: fast MSE search, ptqkit.quant.observers
 PRESETS = ("imagenet", "cifar10", "imagenet_pm1")
@@ -308,7 +311,19 @@ def apply_algorithm_defaults(params, defaults: dict) -> None:
 
 
 def load_config(path: str, overrides=()) -> Config:
-    return validate(apply_overrides(load_yaml_tree(path), overrides), [os.path.dirname(os.path.abspath(path))])
+    """The validated config of a file: ours, or an MQBench PTQ example config (translated first; `--set` overrides
+    then name native keys)."""
+    return validate(apply_overrides(load_tree(path), overrides), [os.path.dirname(os.path.abspath(path))])
+
+
+def load_tree(path: str) -> dict:
+    """A config file's merged tree in this toolkit's schema (an MQBench PTQ config is translated)."""
+    tree = load_yaml_tree(path)
+    if mqbench_config.is_mqbench_config(tree):
+        log.info("%s is an MQBench PTQ config: translated (ptqkit.mqbench_config); --dry-run prints the native "
+                 "equivalent", path)
+        tree = mqbench_config.translate(tree)
+    return tree
 
 
 def dump_config(cfg: Config) -> str:

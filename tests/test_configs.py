@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import ASSETS, REPO
-from ptqkit.config import load_config, load_yaml_tree
+from ptqkit.config import load_config, load_tree
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
                  if "_base_" not in p)
 
 
 def _placeholder_overrides(path):
-    tree = load_yaml_tree(path)
+    tree = load_tree(path)          # an MQBench config (configs/mqbench) is translated first
     sets = []
     if str(tree.get("data", {}).get("root", "")).startswith("/path/to"):
         sets += [f"data.root={ASSETS}/imagenet", "data.calibration.split=sample", "data.evaluation.split=sample"]
@@ -58,7 +58,7 @@ def _representatives() -> list[str]:
     fraction of the time."""
     chosen: dict[tuple, str] = {}
     for path in CONFIGS:
-        tree = load_yaml_tree(path)
+        tree = load_tree(path)
         model, algo = tree.get("model", {}), tree.get("algorithm", {})
         key = (model.get("name"), str(sorted((model.get("kwargs") or {}).items())), algo.get("name", "naive"),
                algo.get("base"), str(tree.get("quant", {}).get("a", {}).get("bits", "")) == "None")

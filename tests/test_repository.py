@@ -18,7 +18,7 @@ LAYERS = [
      "ptqkit.algorithms.progress", "ptqkit.algorithms.registry", "ptqkit.algorithms.base",
      "ptqkit.algorithms.reconstruction", "ptqkit.algorithms.bns", "ptqkit.algorithms.prepass"],
     ["ptqkit.algorithms"],
-    ["ptqkit.config", "ptqkit.pipeline", "ptqkit.saving"],
+    ["ptqkit.mqbench_config", "ptqkit.config", "ptqkit.pipeline", "ptqkit.saving", "ptqkit.from_mqbench"],
     ["ptqkit.tools", "ptqkit.cli", "ptqkit.__main__", "ptq_main"],
 ]
 FOLDERS = {"ptqkit": "ptqkit", "algorithms": "ptqkit.algorithms", "data": "ptqkit.data", "models": "ptqkit.models",
