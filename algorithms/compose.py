@@ -34,10 +34,9 @@ from typing import Any, Optional
 from ptqkit.algorithms.adaround import AdaRound
 from ptqkit.algorithms.brecq import Brecq, BrecqJoint
 from ptqkit.algorithms.engine import DropRule, Phase
-from ptqkit.algorithms.mrecg import MRECG, MRECGConfig, MRECGGrouping
-from ptqkit.algorithms.pdquant import DEFAULT_LAMB_C, DEFAULT_T, PDQuant, DistributionCorrection, \
-    PredictionDifference
-from ptqkit.algorithms.ptmq import PAPER_BIT_SETS, PTMQ, MultiBit, PTMQConfig, check_bit_set
+from ptqkit.algorithms.mrecg import MRECG, GroupingKeys, MRECGGrouping
+from ptqkit.algorithms.pdquant import PDKeys, PDQuant, DistributionCorrection, PredictionDifference
+from ptqkit.algorithms.ptmq import PAPER_BIT_SETS, PTMQ, MixerKeys, MultiBit, PTMQConfig, check_bit_set
 from ptqkit.algorithms.qdrop import QDrop
 from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
 from ptqkit.algorithms.registry import get_term, register
@@ -58,7 +57,9 @@ PRESETS: dict[str, tuple[type, dict]] = {
 
 
 @dataclass
-class ComposeConfig(ReconstructionConfig):
+class ComposeConfig(GroupingKeys, MixerKeys, PDKeys, ReconstructionConfig):
+    """Every part's keys: the drop rule, BRECQ's second stage and the switches here; PD-Quant's (`PDKeys`), MRECG's
+    (`GroupingKeys`, used with `grouping: mrecg`) and PTMQ's (`MixerKeys`, used with `act_bits`) from their files."""
     preset: Optional[str] = spec(None, choices=tuple(PRESETS),
                                  doc="start from a published method's settings; keys set beside it win")
     learn: str = spec("joint", choices=LEARN,
@@ -73,60 +74,28 @@ class ComposeConfig(ReconstructionConfig):
     act_p: float = spec(2.4, lo=1.0, hi=4.0, doc="two_stage: norm of the second stage's reconstruction loss")
     # loss terms
     pd: bool = spec(False, doc="PD-Quant's prediction-difference term")
-    lamb_r: float = spec(0.1, lo=0.0, doc="pd: the term's weight is 1 / lamb_r")
-    T: Optional[float] = spec(None, doc="pd: softmax temperature; null = the model's algorithm_defaults, else 4.0")
-    pd_output: str = spec("rerun", choices=("rerun", "rerun_nodrop", "shared"),
-                          doc="pd: the unit output fed to the rest of the network (see pdquant)")
     terms: dict = spec(factory=dict, doc="registered loss terms of one's own: {name: {keyword arguments}}")
     # target
     dc: bool = spec(False, doc="PD-Quant's distribution correction of each unit's FP input (needs fold_bn false)")
-    lamb_c: Optional[float] = spec(None, doc="dc: constraint weight 1 / lamb_c; null = the model's "
-                                             "algorithm_defaults, else 0.02")
-    bn_lr: float = spec(1e-3, lo=0.0, doc="dc: Adam learning rate of the corrected input")
-    dc_steps: int = spec(500, lo=0, doc="dc: Adam steps per chunk of dc_batch images")
-    dc_batch: int = spec(32, lo=1, doc="dc: images corrected together")
     # grouping (MRECG)
     grouping: str = spec("units", choices=("units", "mrecg"),
                          doc="units: one unit per granularity step; mrecg: MRECG's groups of them")
-    scheme: Any = spec("auto", doc="mrecg: unit groups by index, or auto")
-    top_k: int = spec(2, lo=0, doc="mrecg auto: adjacent unit pairs merged")
-    capacity: str = spec("params", choices=("params", "loss"), doc="mrecg auto: the capacity measure")
-    difference: str = spec("log_ratio", choices=("log_ratio", "absolute"), doc="mrecg auto: how capacities compare")
-    stride_alpha: float = spec(0.5, lo=0.01, doc="mrecg auto, params: factor per stride step above 1")
-    homogeneous_only: bool = spec(True, doc="mrecg auto: merge only topologically homogeneous pairs")
-    probe_images: int = spec(64, lo=1, doc="mrecg auto, loss: calibration images of the probe")
-    scale_iters: bool = spec(False, doc="mrecg: a group of n units learns for n times iters")
     # activation bit-widths (PTMQ)
     act_bits: Any = spec(None, doc="null = one bit-width (quant.a.bits); paper = PTMQ's set for quant.w.bits; or "
                                    "groups low, mid, high, e.g. [4, 6, 8]")
-    lambda1: float = spec(1 / 3, lo=0.0, doc="act_bits: feature mixer weight of the low bit-width output")
-    lambda2: float = spec(1 / 3, lo=0.0, doc="act_bits: feature mixer weight of the mid bit-width output")
-    lambda3: float = spec(1 / 3, lo=0.0, doc="act_bits: feature mixer weight of the high bit-width output")
-    mixed_p: float = spec(0.5, lo=0.0, hi=1.0, doc="act_bits: probability of an element taking the FP value")
-    gamma1: float = spec(100.0, lo=0.0, doc="act_bits: distillation weight of MSE(f_fp, f_mix)")
-    gamma2: float = spec(100.0, lo=0.0, doc="act_bits: distillation weight of MSE(f_high, f_mid)")
-    gamma3: float = spec(100.0, lo=0.0, doc="act_bits: distillation weight of MSE(f_high, f_low)")
 
     def check(self, path: str) -> None:
-        MRECGConfig.check(self, path)                           # the scheme's form
+        GroupingKeys.check(self, path)                          # the scheme's form
+        PDKeys.check(self, path)
         if self.act_bits not in (None, "paper"):
             PTMQConfig.check(self, path)                        # the groups' form
-        for key in ("lamb_r", "T", "lamb_c"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{path}.{key}", "a value > 0", value)
         for name, args in self.terms.items():
             get_term(name)
             if not isinstance(args, dict):
                 raise ConfigError(f"{path}.terms.{name}", "a mapping of the term's keyword arguments", args)
 
     def finalize(self, cfg) -> None:
-        super().finalize(cfg)
-        self.T = DEFAULT_T if self.T is None else self.T
-        self.lamb_c = DEFAULT_LAMB_C if self.lamb_c is None else self.lamb_c
-        if self.dc and cfg.quant.fold_bn:
-            raise ConfigError("quant.fold_bn", "false when algorithm.dc is true (distribution correction needs "
-                              "the BN layers)", True)
+        super().finalize(cfg)                                   # PDKeys: T, lamb_c, dc with folded BN
         if self.act_bits is not None:
             if cfg.quant.a.bits is None:
                 raise ConfigError("algorithm.act_bits", "null with quant.a.bits null (weight-only quantization has "

@@ -65,10 +65,8 @@ _SCHEME_FORM = "'auto' or a list of unit indices and lists of consecutive unit i
 
 
 @dataclass
-class MRECGConfig(ReconstructionConfig):
-    base: str = spec("qdrop", choices=tuple(BASES),
-                     doc="reconstruction it runs on, with that method's own keys at their defaults: qdrop (keep "
-                         "prob 0.5, input prob 0.5) or brecq_joint (1.0, 1.0)")
+class GroupingKeys:
+    """MRECG's grouping keys: the method's own, and `compose`'s with `grouping: mrecg`."""
     scheme: Any = spec("auto", doc="unit groups by index, e.g. [0, 1, [2, 3], 4], or auto (top_k largest "
                                    "capacity differences)")
     top_k: int = spec(2, lo=0, doc="auto: number of adjacent unit pairs merged")
@@ -91,6 +89,13 @@ class MRECGConfig(ReconstructionConfig):
             group = entry if isinstance(entry, list) else [entry]
             if not group or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in group):
                 raise ConfigError(f"{path}.scheme", _SCHEME_FORM, self.scheme)
+
+
+@dataclass
+class MRECGConfig(GroupingKeys, ReconstructionConfig):
+    base: str = spec("qdrop", choices=tuple(BASES),
+                     doc="reconstruction it runs on, with that method's own keys at their defaults: qdrop (keep "
+                         "prob 0.5, input prob 0.5) or brecq_joint (1.0, 1.0)")
 
 
 @dataclass

@@ -229,41 +229,46 @@ class DistributionCorrection(Part):
         return DistributionCorrectionHooks(self, ctx.device)
 
 
+@dataclass
+class PDKeys:
+    """PD-Quant's keys beside its two switches (`pd`, `dc`): the method's own, and `compose`'s."""
+    lamb_r: float = spec(0.1, doc="prediction difference weight is 1 / lamb_r")
+    T: Optional[float] = spec(None, doc="softmax temperature; null = the model's algorithm_defaults, else 4.0 "
+                                        "(MobileNetV2, MNasNet 1.0 in configs/_base_/models)")
+    pd_output: str = spec("rerun", choices=("rerun", "rerun_nodrop", "shared"),
+                          doc="unit output fed to the rest of the network: rerun = the unit again on its "
+                              "quantized input, activation drop on (reference code); rerun_nodrop = the same "
+                              "fully quantized; shared = the reconstruction forward's own output (cheapest)")
+    lamb_c: Optional[float] = spec(None, doc="DC constraint weight is 1 / lamb_c; null = the model's "
+                                             "algorithm_defaults, else 0.02 (RegNetX 0.01, MobileNetV2 0.005, "
+                                             "MNasNet 0.001 in configs/_base_/models)")
+    bn_lr: float = spec(1e-3, doc="DC: Adam learning rate of the corrected input")
+    dc_steps: int = spec(500, lo=0, doc="DC: Adam steps per chunk of dc_batch images")
+    dc_batch: int = spec(32, lo=1, doc="DC: images corrected together (reference: 32)")
+
+    def check(self, path):
+        for key in ("lamb_r", "T", "lamb_c", "bn_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{path}.{key}", "a value > 0", value)
+
+    def finalize(self, cfg) -> None:
+        super().finalize(cfg)
+        self.T = DEFAULT_T if self.T is None else self.T
+        self.lamb_c = DEFAULT_LAMB_C if self.lamb_c is None else self.lamb_c
+        if self.dc and cfg.quant.fold_bn:
+            raise ConfigError("quant.fold_bn", "false when algorithm.dc is true (distribution correction "
+                              "needs the BN layers)", True)
+
+
 @register("pdquant")
 class PDQuant(QDrop):
     multi_process = False   # its cached FP logits are indexed by the whole calibration set
     @dataclass
-    class Config(QDrop.Config):
+    class Config(PDKeys, QDrop.Config):
         w_lr: float = spec(3e-3, lo=0.0, doc="Adam learning rate of the rounding variables V (PD-Quant: 3e-3)")
         pd: bool = spec(True, doc="prediction difference term")
-        lamb_r: float = spec(0.1, doc="prediction difference weight is 1 / lamb_r")
-        T: Optional[float] = spec(None, doc="softmax temperature; null = the model's algorithm_defaults, else 4.0 "
-                                            "(MobileNetV2, MNasNet 1.0 in configs/_base_/models)")
-        pd_output: str = spec("rerun", choices=("rerun", "rerun_nodrop", "shared"),
-                              doc="unit output fed to the rest of the network: rerun = the unit again on its "
-                                  "quantized input, activation drop on (reference code); rerun_nodrop = the same "
-                                  "fully quantized; shared = the reconstruction forward's own output (cheapest)")
         dc: bool = spec(True, doc="distribution correction of each unit's FP input (needs quant.fold_bn false)")
-        lamb_c: Optional[float] = spec(None, doc="DC constraint weight is 1 / lamb_c; null = the model's "
-                                                 "algorithm_defaults, else 0.02 (RegNetX 0.01, MobileNetV2 0.005, "
-                                                 "MNasNet 0.001 in configs/_base_/models)")
-        bn_lr: float = spec(1e-3, doc="DC: Adam learning rate of the corrected input")
-        dc_steps: int = spec(500, lo=0, doc="DC: Adam steps per chunk of dc_batch images")
-        dc_batch: int = spec(32, lo=1, doc="DC: images corrected together (reference: 32)")
-
-        def check(self, path):
-            for key in ("lamb_r", "T", "lamb_c", "bn_lr"):
-                value = getattr(self, key)
-                if value is not None and value <= 0:
-                    raise ConfigError(f"{path}.{key}", "a value > 0", value)
-
-        def finalize(self, cfg) -> None:
-            super().finalize(cfg)
-            self.T = DEFAULT_T if self.T is None else self.T
-            self.lamb_c = DEFAULT_LAMB_C if self.lamb_c is None else self.lamb_c
-            if self.dc and cfg.quant.fold_bn:
-                raise ConfigError("quant.fold_bn", "false when algorithm.dc is true (distribution correction "
-                                  "needs the BN layers)", True)
 
     def make_parts(self):
         p = self.params

@@ -82,12 +82,8 @@ def bit_groups(value) -> Optional[list[tuple[int, ...]]]:
 
 
 @dataclass
-class PTMQConfig(ReconstructionConfig):
-    iters: int = spec(5000, lo=1, doc="iterations per unit")
-    a_lr: float = spec(4e-3, lo=0.0, doc="Adam learning rate of the activation step sizes (cosine to 0)")
-    act_bits: Any = spec(None, doc="activation bit groups low, mid, high: [4, 6, 8], or lists drawn from per "
-                                   "iteration ([[3, 4], 6, 8]); must hold quant.a.bits; null = the paper's set "
-                                   "for quant.w.bits (W3 [3, 6, 8], W4 [4, 6, 8], W6/W8 [6, 7, 8])")
+class MixerKeys:
+    """PTMQ's feature mixer and distillation weights: the method's own, and `compose`'s with `act_bits`."""
     lambda1: float = spec(1 / 3, lo=0.0, doc="feature mixer weight of the low bit-width output")
     lambda2: float = spec(1 / 3, lo=0.0, doc="feature mixer weight of the mid bit-width output")
     lambda3: float = spec(1 / 3, lo=0.0, doc="feature mixer weight of the high bit-width output")
@@ -95,6 +91,15 @@ class PTMQConfig(ReconstructionConfig):
     gamma1: float = spec(100.0, lo=0.0, doc="distillation loss weight of MSE(f_fp, f_mix)")
     gamma2: float = spec(100.0, lo=0.0, doc="distillation loss weight of MSE(f_high, f_mid)")
     gamma3: float = spec(100.0, lo=0.0, doc="distillation loss weight of MSE(f_high, f_low)")
+
+
+@dataclass
+class PTMQConfig(MixerKeys, ReconstructionConfig):
+    iters: int = spec(5000, lo=1, doc="iterations per unit")
+    a_lr: float = spec(4e-3, lo=0.0, doc="Adam learning rate of the activation step sizes (cosine to 0)")
+    act_bits: Any = spec(None, doc="activation bit groups low, mid, high: [4, 6, 8], or lists drawn from per "
+                                   "iteration ([[3, 4], 6, 8]); must hold quant.a.bits; null = the paper's set "
+                                   "for quant.w.bits (W3 [3, 6, 8], W4 [4, 6, 8], W6/W8 [6, 7, 8])")
     input_prob: float = spec(0.5, lo=0.0, hi=1.0, doc="probability of taking the quantized unit input (else FP)")
     prob: float = spec(1.0, lo=0.0, hi=1.0, doc="QDrop keep probability inside the unit (1.0 = no drop)")
 

@@ -40,7 +40,6 @@ def finished(method: str, bits: str, seed: int, out_root: str) -> dict | None:
 def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], threads: int = 0) -> dict | None:
     w, a = bits[1:].split("A")
     a = "null" if a == "32" else a      # W*A32: weight-only, no activation quantizer
-    a = "null" if a == "32" else a   # W*A32: weight-only
     run_dir = run_folder(method, bits, seed, out_root)
     results = os.path.join(run_dir, "results.json")
     done = finished(method, bits, seed, out_root)
