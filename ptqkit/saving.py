@@ -39,7 +39,7 @@ def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     cfg = validate(blob["config"])
     fp = build_model(cfg.model.name, **cfg.model.kwargs).eval()
     if "cle" in cfg.algorithm.prepasses:
-        equalize(fp, cfg.model.leaf_modules)   # its weights come from the state; its ReLU6 -> ReLU swaps do not
+        equalize(fp, cfg.model.leaf_modules)   # the modules it swaps in; their weights and bounds come from the state
     qmodel, _ = prepare_quantized(fp, cfg.quant, cfg.model.leaf_modules)
     state = blob["state_dict"]
     add_missing_biases(qmodel, state)          # bias correction gives biases to layers built without
