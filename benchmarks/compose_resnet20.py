@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Composition table (issue 23): methods assembled from the published ones' parts (`algorithm.name: compose`,
+configs/cifar10/compose/), beside PD-Quant and QDrop alone, on the engine benchmark protocol (ResNet-20, 1,024
+calibration images, 2,000 iterations per unit, all 10,000 test images, FP32 beside each row).
+
+    python benchmarks/compose_resnet20.py --jobs 2              # runs what is missing, then the table
+    python benchmarks/compose_resnet20.py --table-only
+
+Each cell is one ptq_main.py run in benchmarks/runs/compose_resnet20/<name>_<bits>_s<seed>/ (finished runs are
+reused, interrupted ones resumed); the single methods' QDrop and brecq_joint rows are read from the protocol's own
+run folders (benchmarks/runs/resnet20_histmse/).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import reconstruction_resnet20 as protocol  # noqa: E402  (run_one, finished, write_results)
+
+COMPOSITIONS = {
+    "pdquant": ("configs/cifar10/resnet20_w4a4_pdquant.yaml", "PD-Quant alone (QDrop drop rule + PD loss + DC)"),
+    "pd_nodrop": ("configs/cifar10/compose/resnet20_w2a2_pd_nodrop.yaml", "PD-Quant's loss and DC without drop"),
+    "pd_mrecg": ("configs/cifar10/compose/resnet20_w2a2_pd_mrecg.yaml", "PD-Quant on MRECG's automatic groups"),
+    "ptmq_pd": ("configs/cifar10/compose/resnet20_w2a2_ptmq_pd.yaml",
+                "PTMQ multi-bit [2, 4, 6] + PD-Quant's loss (no DC)"),
+}
+SINGLE = {"qdrop": "QDrop alone", "brecq_joint": "brecq_joint alone (MQBench's BRECQ)"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--names", nargs="+", default=list(COMPOSITIONS), choices=list(COMPOSITIONS))
+    parser.add_argument("--bits", nargs="+", default=["W2A2"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1005])
+    parser.add_argument("--out", default="benchmarks/runs/compose_resnet20")
+    parser.add_argument("--singles", default="benchmarks/runs/resnet20_histmse")
+    parser.add_argument("--results", default="benchmarks/results/compose_resnet20.md")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    out_root = os.path.join(REPO, args.out)
+    os.makedirs(out_root, exist_ok=True)
+    for name in args.names:
+        protocol.CONFIGS[name] = COMPOSITIONS[name][0]
+    cells = [(n, b, s) for n in args.names for b in args.bits for s in args.seeds]
+    if args.table_only:
+        results = [protocol.finished(*c, out_root) for c in cells]
+    else:
+        threads = 1 if args.jobs > 1 else 0
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(lambda c: protocol.run_one(*c, out_root, [], threads), cells))
+    rows = ["| method | bits | seeds | top-1 % (per seed) | mean ± std | FP32 top-1 % | quantize s (per seed) |",
+            "|---|---|---|---|---|---|---|"]
+
+    def add(label, bits, runs):
+        runs = [(s, r) for s, r in runs if r is not None]
+        if not runs:
+            rows.append(f"| {label} | {bits} | – | not finished | | | |")
+            return
+        tops = [r["quant"]["top1"] for _, r in runs]
+        spread = f"{statistics.mean(tops):.2f} ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else f"{tops[0]:.2f}"
+        seeds = ", ".join(str(s) for s, _ in runs)
+        per_seed = " / ".join(f"{t:.2f}" for t in tops)
+        seconds = " / ".join(f"{r['seconds']['quantize']:.0f}" for _, r in runs)
+        rows.append(f"| {label} | {bits} | {seeds} | {per_seed} | {spread} | {runs[0][1]['fp32']['top1']:.2f} | "
+                    f"{seconds} |")
+
+    singles_root = os.path.join(REPO, args.singles)
+    for bits in args.bits:
+        for name in args.names:
+            add(f"{name}: {COMPOSITIONS[name][1]}", bits,
+                [(s, r) for (n, b, s), r in zip(cells, results) if n == name and b == bits])
+        for name, label in SINGLE.items():
+            add(f"{name}: {label}", bits, [(s, protocol.finished(name, bits, s, singles_root))
+                                           for s in (1005, 1006, 1007)])
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    text = (f"# Compositions on ResNet-20 (CIFAR-10, shared assets)\n\nMade by `{command}` on "
+            f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores, one thread per run, two runs side by side). "
+            "Engine benchmark protocol: 1,024 calibration images (seed 1005), batch 32, 2,000 iterations per unit, "
+            "histogram-MSE initialisation, all 10,000 test images; FP32 measured in every run.\n\n"
+            + "\n".join(rows) + "\n")
+    protocol.write_results(os.path.join(REPO, args.results), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
