@@ -24,13 +24,19 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import reconstruction_resnet20 as protocol  # noqa: E402  (run_one, finished, write_results)
 
 COMPOSITIONS = {
+    "qdrop": ("configs/cifar10/resnet20_w4a4_qdrop.yaml", "QDrop alone"),
+    "mrecg": ("configs/cifar10/resnet20_w4a4_mrecg.yaml", "MRECG alone (automatic groups on QDrop)"),
     "pdquant": ("configs/cifar10/resnet20_w4a4_pdquant.yaml", "PD-Quant alone (QDrop drop rule + PD loss + DC)"),
     "pd_nodrop": ("configs/cifar10/compose/resnet20_w2a2_pd_nodrop.yaml", "PD-Quant's loss and DC without drop"),
     "pd_mrecg": ("configs/cifar10/compose/resnet20_w2a2_pd_mrecg.yaml", "PD-Quant on MRECG's automatic groups"),
     "ptmq_pd": ("configs/cifar10/compose/resnet20_w2a2_ptmq_pd.yaml",
                 "PTMQ multi-bit [2, 4, 6] + PD-Quant's loss (no DC)"),
 }
-SINGLE = {"qdrop": "QDrop alone", "brecq_joint": "brecq_joint alone (MQBench's BRECQ)"}
+SINGLE = {"qdrop": "QDrop alone, protocol budget", "brecq_joint": "brecq_joint alone, protocol budget"}
+# A budget two runs side by side on 2 cores finish in minutes rather than hours (PD-Quant at the protocol budget
+# takes about 2.5 hours on one loaded core): the same for every row of a table, and said in its header.
+SHORT = ["data.calibration.num_images=512", "algorithm.iters=500"]
+SHORT_DC = ["algorithm.dc_steps=100"]          # for the methods that have the key
 
 
 def main() -> int:
@@ -43,6 +49,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results/compose_resnet20.md")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--short", action="store_true", help="the short budget (SHORT) for every row")
     args = parser.parse_args()
     out_root = os.path.join(REPO, args.out)
     os.makedirs(out_root, exist_ok=True)
@@ -54,7 +61,11 @@ def main() -> int:
     else:
         threads = 1 if args.jobs > 1 else 0
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(lambda c: protocol.run_one(*c, out_root, [], threads), cells))
+            def extra(name):
+                if not args.short:
+                    return []
+                return SHORT + (SHORT_DC if name not in ("qdrop", "mrecg") else [])
+            results = list(pool.map(lambda c: protocol.run_one(*c, out_root, extra(c[0]), threads), cells))
     rows = ["| method | bits | seeds | top-1 % (per seed) | mean ± std | FP32 top-1 % | quantize s (per seed) |",
             "|---|---|---|---|---|---|---|"]
 
@@ -76,14 +87,16 @@ def main() -> int:
         for name in args.names:
             add(f"{name}: {COMPOSITIONS[name][1]}", bits,
                 [(s, r) for (n, b, s), r in zip(cells, results) if n == name and b == bits])
-        for name, label in SINGLE.items():
+        for name, label in ({} if args.short else SINGLE).items():
             add(f"{name}: {label}", bits, [(s, protocol.finished(name, bits, s, singles_root))
                                            for s in (1005, 1006, 1007)])
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    budget = ("SHORT budget for every row: 512 calibration images (seed 1005), batch 32, 500 iterations per unit, "
+              "distribution correction 100 steps per 32 images" if args.short else
+              "Engine benchmark protocol: 1,024 calibration images (seed 1005), batch 32, 2,000 iterations per unit")
     text = (f"# Compositions on ResNet-20 (CIFAR-10, shared assets)\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores, one thread per run, two runs side by side). "
-            "Engine benchmark protocol: 1,024 calibration images (seed 1005), batch 32, 2,000 iterations per unit, "
-            "histogram-MSE initialisation, all 10,000 test images; FP32 measured in every run.\n\n"
+            f"{budget}; histogram-MSE initialisation, all 10,000 test images; FP32 measured in every run.\n\n"
             + "\n".join(rows) + "\n")
     protocol.write_results(os.path.join(REPO, args.results), text)
     print(text)
