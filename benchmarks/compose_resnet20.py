@@ -31,6 +31,8 @@ COMPOSITIONS = {
     "pd_mrecg": ("configs/cifar10/compose/resnet20_w2a2_pd_mrecg.yaml", "PD-Quant on MRECG's automatic groups"),
     "ptmq_pd": ("configs/cifar10/compose/resnet20_w2a2_ptmq_pd.yaml",
                 "PTMQ multi-bit [2, 4, 6] + PD-Quant's loss (no DC)"),
+    "qdrop_stats": ("examples/custom_method/resnet20_w2a4_qdrop_stats.yaml",
+                    "QDrop + the example method's channel-statistics term (examples/custom_method, out of tree)"),
 }
 SINGLE = {"qdrop": "QDrop alone, protocol budget", "brecq_joint": "brecq_joint alone, protocol budget"}
 # A budget two runs side by side on 2 cores finish in minutes rather than hours (PD-Quant at the protocol budget
@@ -64,7 +66,7 @@ def main() -> int:
             def extra(name):
                 if not args.short:
                     return []
-                return SHORT + (SHORT_DC if name not in ("qdrop", "mrecg") else [])
+                return SHORT + (SHORT_DC if name not in ("qdrop", "mrecg", "qdrop_stats") else [])
             results = list(pool.map(lambda c: protocol.run_one(*c, out_root, extra(c[0]), threads), cells))
     rows = ["| method | bits | seeds | top-1 % (per seed) | mean ± std | FP32 top-1 % | quantize s (per seed) |",
             "|---|---|---|---|---|---|---|"]
