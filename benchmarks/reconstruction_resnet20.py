@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["naive", "adaround", "brecq", "brecq_joint", "qdrop"])
     parser.add_argument("--bits", nargs="+", default=["W4A4", "W2A4", "W2A2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1005])
-    parser.add_argument("--out", default="benchmarks/runs/resnet20")
+    parser.add_argument("--out", default="benchmarks/runs/resnet20_histmse")
     parser.add_argument("--results", default="benchmarks/results/reconstruction_resnet20.md")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
