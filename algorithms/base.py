@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ptqkit.algorithms.prepass import PREPASSES, correct_bias, equalized
 from ptqkit.quant import prepare as pq
+from ptqkit.quant.quantizers import act_quantizers, reset_observer
 from ptqkit.schema import spec
 
 
@@ -71,12 +72,20 @@ class Algorithm:
         qmodel, layout = pq.prepare_quantized(fp_model, ctx.cfg.quant, ctx.cfg.model.leaf_modules)
         return qmodel.to(ctx.device), layout
 
-    def after_calibration(self, qmodel: torch.fx.GraphModule, ctx: RunContext) -> None:
-        """What follows calibration before any method learns: the bias-correction pre-pass, if asked for."""
+    def after_calibration(self, qmodel: torch.fx.GraphModule, ctx: RunContext,
+                          images: Optional[torch.Tensor] = None) -> None:
+        """What follows calibration before any method learns: the bias-correction pre-pass, if asked for. The
+        activation ranges were observed before the biases moved, so they are observed again on `images` (the
+        calibration images), the weights' ranges staying as they are."""
         if "bias_correction" in self.params.prepasses:
-            images = ctx.calib_images[: self.params.prepass_images]
-            ctx.results["bias_correction"] = correct_bias(qmodel, images, ctx.cfg.data.calibration.batch_size,
-                                                                  ctx.device)
+            batch = ctx.cfg.data.calibration.batch_size
+            ctx.results["bias_correction"] = correct_bias(qmodel, ctx.calib_images[: self.params.prepass_images],
+                                                          batch, ctx.device)
+            acts = act_quantizers(qmodel)
+            if images is not None and acts:
+                for q in acts:
+                    reset_observer(q)
+                pq.calibrate(qmodel, images, batch, ctx.device)
 
     def run(self, ctx: RunContext) -> nn.Module:
         """Return the quantized model (fake quantizers on, observers off)."""

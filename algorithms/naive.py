@@ -25,5 +25,5 @@ class NaivePTQ(Algorithm):
         images = ctx.calib_images[: self.params.calib_images]
         with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
             pq.calibrate(qmodel, images, ctx.cfg.data.calibration.batch_size, ctx.device, bar)
-        self.after_calibration(qmodel, ctx)
+        self.after_calibration(qmodel, ctx, images)
         return qmodel

@@ -178,6 +178,7 @@ class Reconstruction(Algorithm):
     def calibrated_model(self, ctx: RunContext, phases: list[Phase]):
         qmodel, _ = self.prepare(ctx)
         batch = ctx.cfg.data.calibration.batch_size
+        images = None                     # what the activation ranges were observed on, if observed here
         if ctx.prepared is not None:      # calibrated already (MQBench's flow): only a part's own calibration
             any(part.calibrate(qmodel, ctx, batch) for part in self.parts)
         elif not any(part.calibrate(qmodel, ctx, batch) for part in self.parts):
@@ -189,7 +190,7 @@ class Reconstruction(Algorithm):
                 images = images[:batch]
             with tqdm(total=len(images), desc="calibrate", unit="img", disable=not ctx.show_progress) as bar:
                 pq.calibrate(qmodel, images, batch, ctx.device, bar)
-        self.after_calibration(qmodel, ctx)
+        self.after_calibration(qmodel, ctx, images)
         return qmodel
 
     def model_for_plan(self, ctx: RunContext):
