@@ -69,6 +69,10 @@ class Algorithm:
         fp_model = ctx.fp_model
         if "cle" in self.params.prepasses:
             fp_model, ctx.results["cle"] = equalized(fp_model, ctx.cfg.model.leaf_modules)
+            if not ctx.cfg.quant.fold_bn:
+                ctx.log.info("cle with BN unfolded (quant.fold_bn false): the equalization goes into BN's gamma and "
+                             "beta, so the first layer of each pair keeps its quantized weights; it helps per-tensor "
+                             "weights with quant.fold_bn true")
         qmodel, layout = pq.prepare_quantized(fp_model, ctx.cfg.quant, ctx.cfg.model.leaf_modules)
         return qmodel.to(ctx.device), layout
 

@@ -7,8 +7,9 @@ on the same evaluation images beside every row. Each cell is one ptq_main.py run
     python benchmarks/prepasses.py --models mobilenet_v2 --bits W4A4 --table-only
 
 MobileNetV2: the sample's 1,000 images split by the calibration seed into 500 calibration (256 used) and 500
-evaluation images (configs/_base_/imagenet_sample_mobilenet_v2.yaml). Weights per channel (the toolkit's default)
-and per tensor (the setting of the DFQ paper, where equalization matters most); activations per tensor.
+evaluation images (configs/_base_/imagenet_sample_mobilenet_v2.yaml). Weights per channel with BN unfolded (the
+toolkit's defaults), and per tensor with BN folded (the DFQ paper's setting: with BN unfolded, equalization moves
+into BN's gamma and beta and leaves the first layer's quantized weights as they were); activations per tensor.
 ResNet-20: 1,024 calibration images, all 10,000 test images, weights per channel. Bias correction measures on
 256 calibration images (MobileNetV2: 64).
 """
@@ -46,6 +47,7 @@ def run_one(model: str, bits: str, gran: str, variant: str, out_root: str, threa
         return json.load(open(results))
     prepasses = "[" + ",".join(VARIANTS[variant]) + "]"
     overrides = [f"quant.w.bits={w}", f"quant.a.bits={a}", f"quant.w.per_channel={gran == 'per_channel'}",
+                 f"quant.fold_bn={gran == 'per_tensor'}",
                  f"algorithm.prepasses={prepasses}", f"algorithm.prepass_images={PREPASS_IMAGES[model]}",
                  f"runtime.output_dir={os.path.relpath(folder, REPO)}",
                  "runtime.save_model=false", f"runtime.threads={threads}"]
@@ -97,7 +99,8 @@ def main() -> int:
                     if "cle" in extra or "bias_correction" in extra:
                         details.append(f"- {model} {bits} {gran} {variant}: " + "; ".join(
                             f"{k} {extra[k]}" for k in ("cle", "bias_correction") if k in extra))
-                lines.append(f"| {model} | {bits} | {gran.replace('_', ' ')} | "
+                label = "per tensor, BN folded" if gran == "per_tensor" else "per channel"
+                lines.append(f"| {model} | {bits} | {label} | "
                              f"{'–' if fp32 is None else f'{fp32:.2f}'} | " + " | ".join(cells) + " |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# Pre-passes: cross-layer equalization and bias correction before naive quantization\n\n"
