@@ -45,10 +45,10 @@ def main() -> int:
     from easydict import EasyDict
     import mqbench.advanced_ptq as mq_ptq
     from mqbench.prepare_by_platform import BackendType, prepare_by_platform
-    from mqbench.utils.state import enable_calibration_woquantization, enable_quantization
+    from mqbench.utils.state import enable_quantization
     from ptqkit import data
     from ptqkit.config import validate
-    from ptqkit.from_mqbench import ptq_reconstruction
+    from ptqkit.from_mqbench import calibrate_as_mqbench, ptq_reconstruction
     from ptqkit.models import build_model, load_checkpoint
     from ptqkit.models.cifar_resnet import OptionAShortcut
     from reconstruction_resnet20 import write_results
@@ -84,12 +84,7 @@ def main() -> int:
     model = prepare_by_platform(copy.deepcopy(fp), BackendType.Academic, extra).eval()
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
     start = time.perf_counter()
-    with torch.no_grad():
-        enable_calibration_woquantization(model, quantizer_type="act_fake_quant")
-        for b in batches:
-            model(b)
-        enable_calibration_woquantization(model, quantizer_type="weight_fake_quant")
-        model(batches[0])
+    calibrate_as_mqbench(model, batches)
     calibration_s = time.perf_counter() - start
     config = EasyDict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0.01, max_count=args.iters,
                       b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=0.5)

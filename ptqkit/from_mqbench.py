@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from mqbench.fake_quantize.quantize_base import QuantizeBase
+from mqbench.utils.state import enable_calibration_woquantization
 
 from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.registry import get_algorithm
@@ -55,6 +56,19 @@ def convert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             parent, _, child = name.rpartition(".")
             setattr(qmodel.get_submodule(parent) if parent else qmodel, child, _as_ours(module, cls))
     return qmodel
+
+
+@torch.no_grad()
+def calibrate_as_mqbench(model: fx.GraphModule, cali_data: list) -> None:
+    """Calibrate an MQBench-prepared model as MQBench's PTQ example does before `ptq_reconstruction`: activation
+    observers on every batch, then weight observers on the first (the per-channel MSE search once)."""
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in cali_data]
+    device = next(model.parameters()).device
+    enable_calibration_woquantization(model, quantizer_type="act_fake_quant")
+    for b in batches:
+        model(b.to(device))
+    enable_calibration_woquantization(model, quantizer_type="weight_fake_quant")
+    model(batches[0].to(device))
 
 
 def _bits(quantizers) -> int | None:

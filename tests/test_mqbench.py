@@ -144,7 +144,7 @@ def _mqbench_prepared(resnet20, calib, w_bits=4, a_bits=4):
     """MQBench's own flow up to reconstruction: prepare_by_platform, then calibration as its PTQ example does it
     (activations on every batch, then weights on the first)."""
     from mqbench.prepare_by_platform import BackendType, prepare_by_platform
-    from mqbench.utils.state import enable_calibration_woquantization
+    from ptqkit.from_mqbench import calibrate_as_mqbench
     from ptqkit.models.cifar_resnet import OptionAShortcut
     logging.getLogger("MQBENCH").setLevel(logging.WARNING)
     extra = {"extra_qconfig_dict": {
@@ -157,12 +157,7 @@ def _mqbench_prepared(resnet20, calib, w_bits=4, a_bits=4):
         "leaf_module": [OptionAShortcut]}
     model = prepare_by_platform(copy.deepcopy(resnet20), BackendType.Academic, extra).eval()
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
-    with torch.no_grad():
-        enable_calibration_woquantization(model, quantizer_type="act_fake_quant")
-        for b in batches:
-            model(b)
-        enable_calibration_woquantization(model, quantizer_type="weight_fake_quant")
-        model(batches[0])
+    calibrate_as_mqbench(model, batches)
     return model, batches
 
 
