@@ -123,7 +123,7 @@ def test_the_cifar_mqbench_config_gives_the_top1_of_its_native_equivalent(tmp_pa
         "data": {"evaluation": {"batch_size": 32}},
     }
     (tmp_path / "native.yaml").write_text(yaml.safe_dump(native))
-    short = ["--set", "algorithm.iters=5", "--set", "data.calibration.num_images=128", "--set",
+    short = ["--set", "algorithm.iters=3", "--set", "data.calibration.num_images=64", "--set",
              "data.evaluation.limit=500", "--set", "runtime.save_model=false", "--set", "runtime.threads=2"]
     results = {}
     for name in ("mqbench", "native"):
@@ -174,7 +174,7 @@ MQ_RECONSTRUCTION = dict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0
 
 @pytest.mark.slow
 def test_the_drop_in_runs_mqbench_flow_with_qdrop_pdquant_and_mrecg(resnet20, cifar_calib, cifar_test_set):
-    """MQBench's flow on ResNet-20 (W4A4, short budget: 10 iterations per block, 128 images): MQBench's own
+    """MQBench's flow on ResNet-20 (W4A4, short budget: 10 iterations per block, 64 images): MQBench's own
     ptq_reconstruction, then this toolkit's with the same config (QDrop), then with `algorithm: pdquant` and
     `algorithm: mrecg`. Accuracy within 2 points of MQBench's; the original model is left with its quantizers off,
     as MQBench leaves it."""
@@ -182,7 +182,7 @@ def test_the_drop_in_runs_mqbench_flow_with_qdrop_pdquant_and_mrecg(resnet20, ci
     from ptqkit.from_mqbench import ptq_reconstruction
     from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer
     images, labels = cifar_test_set[0][::20], cifar_test_set[1][::20]       # 500 images, 50 per class
-    calib = cifar_calib[:128]
+    calib = cifar_calib[:64]
     with torch.no_grad():
         fp32 = 100.0 * float((resnet20(images).argmax(1) == labels).float().mean())
 

@@ -12,7 +12,7 @@ from ptqkit.config import validate
 from ptqkit.errors import ConfigError
 
 CPU = torch.device("cpu")
-SHORT = {"iters": 6, "log_every": 1, "act_init_images": 16}
+SHORT = {"iters": 3, "log_every": 1, "act_init_images": 16}
 PD_SHORT = {"dc_steps": 3, "dc_batch": 16}
 
 
@@ -51,7 +51,7 @@ def test_parts_combine_pd_loss_with_mrecg_groups_without_drop(resnet20, cifar_ca
     results, _ = run(resnet20, images, {"name": "compose", "preset": "mrecg", "pd": True, "prob": 1.0,
                                         "input_prob": 1.0, **SHORT})
     assert results["mrecg"]["groups"] != [[k] for k in range(11)]               # merged groups
-    assert all(len(u["history"]["pd"]) == 6 for u in results["units"])           # the PD term in every unit
+    assert all(len(u["history"]["pd"]) == 3 for u in results["units"])           # the PD term in every unit
 
 
 @pytest.mark.parametrize("algorithm,quant,message", [
@@ -93,7 +93,7 @@ def test_a_registered_loss_term_of_ones_own_joins_the_loss(resnet20, cifar_calib
     results, _ = run(resnet20, cifar_calib[:64], {"name": "compose", "terms": {"test_output_mean": {"weight": 2.0}},
                                                   **SHORT})
     hist = results["units"][1]["history"]
-    assert len(hist["mean"]) == 6 and hist["mean"][0] > 0
+    assert len(hist["mean"]) == 3 and hist["mean"][0] > 0
     assert all(t == pytest.approx(r + m + rnd) for t, r, m, rnd in
                zip(hist["total"], hist["rec"], hist["mean"], hist["round"]))
     with pytest.raises(ConfigError, match=r"^config key 'algorithm\.terms\.test_output_mean': expected arguments "

@@ -25,7 +25,7 @@ def test_cle_keeps_resnet20s_function_and_equalizes_its_ranges(resnet20, cifar_c
     # no channel's activation (BN-estimated top, beta + 3 |gamma|) grows beyond the layer's largest before
     for name in ("layer1.0.bn1", "layer2.1.bn1", "layer3.2.bn1"):
         before, after = (dict(m.named_modules())[name] for m in (resnet20, eq))
-        top = [(bn.bias + 3 * bn.weight.abs()).clamp_min(0).max() for bn in (before, after)]
+        top = [(bn.bias + 3 * bn.weight.abs()).clamp_min(0).max().detach() for bn in (before, after)]
         assert float(top[1]) <= float(top[0]) * (1 + 1e-5)
     assert resnet20.layer1[0].bn1.weight.data_ptr() != eq.layer1[0].bn1.weight.data_ptr()   # a copy
 
