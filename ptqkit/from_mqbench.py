@@ -24,7 +24,7 @@ from ptqkit.config import validate
 from ptqkit.errors import ConfigError
 from ptqkit.mqbench_config import algorithm_section, translate  # noqa: F401  (translate: one import for users)
 from ptqkit.quant import prepare as pq
-from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer
+from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer, fake_quantizers
 
 def _as_ours(q: QuantizeBase, cls: type) -> QuantizeBase:
     """MQBench fake quantizer `q` as one of ours with the same calibrated state (scale, zero point, range)."""
@@ -100,7 +100,7 @@ def ptq_reconstruction(model: fx.GraphModule, cali_data: list, config, graph_mod
     device = next(model.parameters()).device
     qmodel = convert_quantizers(model).eval()
     fp_model = model.eval()
-    for _, q in pq.fake_quantizers(fp_model):   # MQBench: disable_all(fp32_model)
+    for _, q in fake_quantizers(fp_model):   # MQBench: disable_all(fp32_model)
         q.disable_observer()
         q.disable_fake_quant()
     weights = [m for n, m in qmodel.named_modules() if isinstance(m, WeightQuantizer)]

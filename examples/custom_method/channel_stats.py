@@ -16,8 +16,6 @@ working directory, then on the Python path); nothing in the ptqkit package chang
 """
 from dataclasses import dataclass
 
-import torch
-
 from ptqkit.algorithms.engine import Hooks
 from ptqkit.algorithms.qdrop import QDrop
 from ptqkit.algorithms.reconstruction import Part
