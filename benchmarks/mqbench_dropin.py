@@ -36,6 +36,12 @@ def main() -> int:
     parser.add_argument("--bits", default="W2A4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1005)
+    parser.add_argument("--prob", type=float, default=0.5,
+                        help="MQBench's keep probability: 0.5 QDrop, 1.0 its BRECQ (always-on activations)")
+    parser.add_argument("--act-init-images", type=int, default=None,
+                        help="a third row: the drop-in re-observing each unit's activation ranges on this many of "
+                             "its cached inputs before learning (this toolkit's default, 256), where MQBench keeps "
+                             "the calibrated steps")
     parser.add_argument("--results", default="benchmarks/results/mqbench_dropin.md")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -87,11 +93,16 @@ def main() -> int:
     calibrate_as_mqbench(model, batches)
     calibration_s = time.perf_counter() - start
     config = EasyDict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0.01, max_count=args.iters,
-                      b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=0.5)
+                      b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=args.prob)
 
+    calls = [("MQBench ptq_reconstruction", lambda m: mq_ptq.ptq_reconstruction(m, batches, config)),
+             ("ptqkit.from_mqbench.ptq_reconstruction", lambda m: ptq_reconstruction(m, batches, config))]
+    if args.act_init_images is not None:
+        reinit = EasyDict(config, act_init_images=args.act_init_images)
+        calls.append((f"ptqkit.from_mqbench.ptq_reconstruction, act_init_images={args.act_init_images}",
+                      lambda m: ptq_reconstruction(m, batches, reinit)))
     rows = []
-    for name, call in (("MQBench ptq_reconstruction", lambda m: mq_ptq.ptq_reconstruction(m, batches, config)),
-                       ("ptqkit.from_mqbench.ptq_reconstruction", lambda m: ptq_reconstruction(m, batches, config))):
+    for name, call in calls:
         copy_ = copy.deepcopy(model)
         torch.manual_seed(args.seed)
         quiet, builtins.print = builtins.print, (lambda *a, **k: None)   # MQBench prints every 500 iterations
@@ -109,7 +120,8 @@ def main() -> int:
     lines = [f"# MQBench's flow, its ptq_reconstruction against the drop-in: ResNet-20 {args.bits}", "",
              f"Made by `{command}` on {time.strftime('%Y-%m-%d')}: {torch.get_num_threads()} threads, one process, "
              f"load average {load_before[0]:.2f} before and {load_after[0]:.2f} after. {args.images} calibration "
-             f"images (batch 32), {args.iters} iterations per block, QDrop settings (prob 0.5), seed {args.seed}; "
+             f"images (batch 32), {args.iters} iterations per block, keep probability {args.prob:g} "
+             f"({'QDrop' if args.prob < 1 else 'always-on activations, MQBench BRECQ'}), seed {args.seed}; "
              f"MQBench's calibration (EMA-MSE / MSE observers) took {calibration_s:.0f} s and is shared. Time is the "
              "reconstruction call end to end (caching, learning, hardening). All 10,000 test images.", "",
              "| reconstruction | top-1 % | FP32 top-1 % (same images) | seconds |", "|---|---|---|---|"]
