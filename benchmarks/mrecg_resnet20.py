@@ -26,6 +26,9 @@ REPO = rr.REPO
 sys.path.insert(0, REPO)
 rr.CONFIGS.setdefault("mrecg", "configs/cifar10/resnet20_w4a4_mrecg.yaml")
 rr.CONFIGS.setdefault("mrecg_scheme", "configs/cifar10/resnet20_w4a4_mrecg_scheme.yaml")
+# issue 24: iterations scaled to the group's size, with the automatic (loss) and the paper's (params) criterion
+rr.CONFIGS.setdefault("mrecg_scaled", "configs/cifar10/resnet20_w4a4_mrecg_scaled.yaml")
+rr.CONFIGS.setdefault("mrecg_paper", "configs/cifar10/resnet20_w4a4_mrecg_paper.yaml")
 SMOKE = ["algorithm.iters=20", "data.calibration.num_images=128", "data.evaluation.limit=500"]
 
 
