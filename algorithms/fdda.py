@@ -330,6 +330,12 @@ class FDDA(Algorithm):
         ctx.results["fdda"] = {"student_steps": (p.epochs - p.warmup_epochs) * p.iters_per_epoch,
                                "generator_steps": total if p.use_generated else 0,
                                "seconds": {k: round(v, 2) for k, v in seconds.items()}, "epochs": history}
+        if generator is not None:
+            report = self._generator_report(gen_state, teacher, images, labels, ctx.run_dir)
+            ctx.results["fdda"]["generated"] = report
+            ctx.log.info("fdda generator: teacher top-1 on its class-conditional images %.1f %% (chance %.1f); "
+                         "C-BNS distance to the own class center %.3g, to the other centers %.3g",
+                         report["teacher_top1"], 100.0 / num_classes, report["cbns_own"], report["cbns_other"])
         if snapshot is not None and ctx.evaluate is not None:
             # the model before fine-tuning (ranges observed, weights untouched): what fine-tuning adds
             result = ctx.evaluate(snapshot, "eval before fine-tuning")
@@ -424,6 +430,38 @@ class FDDA(Algorithm):
         state["optimizer"].step()
         stats.add(g_loss=loss.item(), g_acc=(logits.argmax(1) == y).float().mean().item() * 100, **terms)
         return fake.detach(), y, logits.detach()
+
+    @torch.no_grad()
+    def _generator_report(self, state: dict, teacher, images, labels, run_dir, per_class: int = 16) -> dict:
+        """What the generator has learnt, measured as it trained it (BN in training mode, one class per batch):
+        does the teacher recognise each class, and are a class's BN statistics (the D-/C-BNS layers) nearer its
+        own center than the other classes' centers? With a `run_dir`, samples.png: one row per class, the real
+        image first, then 8 generated ones (each channel shown over the real images' range)."""
+        generator, layers = state["generator"], state["layers"]
+        device = state["running_mean"][0].device
+        rng = torch.Generator(device="cpu").manual_seed(0)   # leaves the run's random stream alone
+        deep = range(state["start"], len(layers))
+        hits, own, other, rows = 0, [], [], []
+        for cls in state["classes"]:
+            z = torch.randn(per_class, generator.latent_dim, generator=rng).to(device)
+            fake = generator(z, torch.full((per_class,), cls, device=device, dtype=torch.long))
+            logits, means, variances = self._teacher_with_stats(teacher, layers, fake)
+            hits += int((logits.argmax(1) == cls).sum())
+            for k, _ in enumerate(state["classes"]):
+                d = float(bns_distance(means, variances, [m[k] for m in state["center_mean"]],
+                                       [v[k] for v in state["center_var"]], deep))
+                (own if k == state["center_index"][cls] else other).append(d)
+            real = images[labels == cls][:1].to(device)
+            rows.append(torch.cat([real, fake[:8]]))
+        report = {"teacher_top1": 100.0 * hits / (per_class * len(state["classes"])),
+                  "cbns_own": sum(own) / len(own), "cbns_other": sum(other) / max(len(other), 1),
+                  "images_per_class": per_class}
+        if run_dir:
+            from torchvision.utils import save_image
+            grid = (torch.cat(rows) - generator.low) / (generator.high - generator.low)
+            save_image(grid.clamp(0, 1).cpu(), f"{run_dir}/samples.png", nrow=9, padding=1)
+            report["samples"] = "samples.png"
+        return report
 
     # ------------------------------------------------------------------------------------------ student
     @staticmethod

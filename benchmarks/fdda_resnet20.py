@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""FDDA benchmark (issue 7): CIFAR-10 ResNet-20 W4A4 on the shared assets, 10 calibration images (one per class,
-drawn with seed 1005 from the shared train folder), each run in its own process through ptq_main.py; then one table
-with the FP32 top-1 of the same run beside each quantized top-1, on all 10,000 test images.
+"""FDDA benchmark (issue 7): CIFAR-10 ResNet-20 W4A4 (or --bits) on the shared assets, 10 calibration images (one
+per class, drawn with seed 1005 from the shared train folder), each run in its own process through ptq_main.py;
+then one table with the FP32 top-1 of the same run beside each quantized top-1, on all 10,000 test images.
 
     python benchmarks/fdda_resnet20.py                       # fdda, its ablation, the naive baselines
     python benchmarks/fdda_resnet20.py --seeds 1005 1006 1007 --runs fdda fdda_real_only
@@ -35,6 +35,8 @@ RUNS = {
     "naive": ("configs/cifar10/resnet20_w4a4_naive_per_class1.yaml", []),
     "naive_fdda_scheme": ("configs/cifar10/resnet20_w4a4_naive_per_class1.yaml",
                           ["quant.w.observer=minmax", "quant.a.observer=ema_minmax"]),
+    # reconstruction on the same 10 images (2,000 iterations per unit, batches of 32 drawn with replacement)
+    "qdrop": ("configs/cifar10/resnet20_w4a4_qdrop.yaml", ["data.calibration.per_class=1"]),
 }
 
 
@@ -90,8 +92,11 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1005], help="runtime.seed of each run")
     parser.add_argument("--out", default="benchmarks/runs/fdda_resnet20")
     parser.add_argument("--results", default="benchmarks/results/fdda.md")
+    parser.add_argument("--bits", default="W4A4", help="e.g. W2A4 (first/last-layer conventions unchanged)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     args = parser.parse_args()
+    w_bits, a_bits = (int(x) for x in args.bits.upper()[1:].split("A"))
+    args.extra = [f"quant.w.bits={w_bits}", f"quant.a.bits={a_bits}"] + args.extra
     rows, top1s = [], {}
     for seed in args.seeds:
         for name in args.runs:
@@ -109,11 +114,11 @@ def main() -> int:
               "|---|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     threads = os.environ.get("OMP_NUM_THREADS")
-    text = (f"# ResNet-20 (CIFAR-10, shared assets): FDDA W4A4 from one image per class\n\n"
+    text = (f"# ResNet-20 (CIFAR-10, shared assets): FDDA {args.bits.upper()} from one image per class\n\n"
             f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores"
             + (f", OMP_NUM_THREADS={threads}" if threads else "") + "). "
             "Every run: the same 10 calibration images (one per class, seed 1005, shared train folder), all "
-            "10,000 test images; FP32 measured in the same run. W4A4, first/last-layer weights and the last "
+            f"10,000 test images; FP32 measured in the same run. {args.bits.upper()}, first/last-layer weights and the last "
             "layer's input at 8 bit. `quantize s` is the algorithm alone, `run wall s` the whole process "
             "(model, data, two evaluations); the machine was shared, so times vary with its load.\n\n"
             + header + "\n" + "\n".join(rows) + "\n\nMean ± sample std over seeds:\n\n" + summary + "\n")
