@@ -37,6 +37,11 @@ def finished(method: str, bits: str, seed: int, out_root: str) -> dict | None:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+# checkpoints of the shared assets; paths in --set overrides are relative to the repository root, as run
+DEPTH_CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
+                     "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
+
+
 def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], threads: int = 0) -> dict | None:
     w, a = bits[1:].split("A")
     a = "null" if a == "32" else a      # W*A32: weight-only, no activation quantizer
@@ -119,10 +124,15 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/runs/resnet20_histmse")
     parser.add_argument("--results", default="benchmarks/results/reconstruction_resnet20.md")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
+    parser.add_argument("--model", default="resnet20", choices=sorted(DEPTH_CHECKPOINTS),
+                        help="the CIFAR-10 ResNet of the shared assets (the protocol, unchanged, on a deeper one)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     parser.add_argument("--table-only", action="store_true",
                         help="tabulate the finished runs, start none (cells not finished are listed as missing)")
     args = parser.parse_args()
+    if args.model != "resnet20":
+        args.extra = [f"model.name=cifar_{args.model}",
+                      f"model.checkpoint=../shared/assets/cifar10/{DEPTH_CHECKPOINTS[args.model]}"] + args.extra
     out_root = os.path.join(REPO, args.out)
     os.makedirs(out_root, exist_ok=True)
     cells = [(m, b, s) for m in args.methods for b in args.bits for s in args.seeds]
@@ -135,7 +145,7 @@ def main() -> int:
     missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]
     rows = [row(*c, r) for c, r in zip(cells, results) if r is not None]
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    text = (f"# ResNet-20 (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
+    text = (f"# ResNet-{args.model[6:]} (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
             f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"
             f"{ROW_HEADER}\n" + "\n".join(rows) + "\n")
     if missing:
