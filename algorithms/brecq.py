@@ -4,7 +4,9 @@
 quantized network, weights only); (2) activation step sizes re-initialised on a few images and learned per
 block with the weights fixed, under an L_p loss (p = 2.4).
 `brecq_joint`: MQBench's "BRECQ" — rounding and activation steps learned together with activations quantized,
-i.e. QDrop with keep probability 1.
+i.e. QDrop with keep probability 1. As in MQBench's `ptq_reconstruction`, its reference, the activation steps start
+from the global calibration (`act_init_images: 0`); QDrop's original code re-observes them on each unit's cached
+inputs (256), which costs this method accuracy at W2A2 (benchmarks/results/act_init_w2a2.md).
 """
 from dataclasses import dataclass
 
@@ -39,5 +41,11 @@ class Brecq(Reconstruction):
 
 @register("brecq_joint")
 class BrecqJoint(Reconstruction):
+    @dataclass
+    class Config(ReconstructionConfig):
+        act_init_images: int = spec(0, lo=0, doc="re-observe each unit's activation ranges on this many of its "
+                                                  "cached inputs before learning (0 = keep the global calibration, "
+                                                  "as MQBench)")
+
     def phases(self):
         return [self.base_phase(learn_rounding=True, learn_act_scale=True, quant_acts=True)]

@@ -175,8 +175,9 @@ def preset_values(preset: str) -> dict:
     for f in dataclasses.fields(method.Config):
         if f.init and f.name in ours and f.name != "name":
             values[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if method is MRECG:       # its phases are its base's: QDrop's drop rule
-        values.update(prob=QDrop.Config.prob, input_prob=QDrop.Config.input_prob)
+    if method is MRECG:       # its phases are its base's: QDrop's drop rule and activation step initialisation
+        values.update(prob=QDrop.Config.prob, input_prob=QDrop.Config.input_prob,
+                      act_init_images=QDrop.Config.act_init_images)
     return {**values, **switches}
 
 

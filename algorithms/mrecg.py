@@ -96,6 +96,14 @@ class MRECGConfig(GroupingKeys, ReconstructionConfig):
     base: str = spec("qdrop", choices=tuple(BASES),
                      doc="reconstruction it runs on, with that method's own keys at their defaults: qdrop (keep "
                          "prob 0.5, input prob 0.5) or brecq_joint (1.0, 1.0)")
+    act_init_images: Optional[int] = spec(None, lo=0, doc="re-observe each unit's activation ranges on this many "
+                                                          "of its cached inputs; null = the base's default (qdrop "
+                                                          "256, brecq_joint 0: kept from calibration)")
+
+    def finalize(self, cfg) -> None:
+        super().finalize(cfg)
+        if self.act_init_images is None:
+            self.act_init_images = BASES[self.base].Config.act_init_images
 
 
 @dataclass
