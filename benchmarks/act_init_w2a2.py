@@ -9,9 +9,9 @@ control, qdrop.
     python benchmarks/act_init_w2a2.py --jobs 2                  # runs what is missing, then the table
     python benchmarks/act_init_w2a2.py --table-only
 
-Each run is its own ptq_main.py process (one thread when --jobs > 1); a folder holding results.json is reused. The
-runs with 256 at seeds 1005-1007 are the protocol's own (benchmarks/runs/resnet20_histmse), made with the same
-settings before this experiment.
+Each run is its own ptq_main.py process (one thread when --jobs > 1); a folder holding results.json is reused. A
+run at its method's default (brecq_joint 0 since this experiment, qdrop 256) is the protocol's own, in
+benchmarks/runs/resnet20_histmse.
 """
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ CONFIGS = {"brecq_joint": "configs/cifar10/resnet20_w4a4_brecq_joint.yaml",
 PROTOCOL_RUNS = "benchmarks/runs/resnet20_histmse"
 
 
+# each method's default: its runs with it are the protocol's own (the reconstruction benchmark's folder)
+DEFAULT_INIT = {"brecq_joint": 0, "qdrop": 256}
+
+
 def run_dir(out: str, method: str, init: int, bits: str, seed: int) -> str:
-    own = os.path.join(out, f"{'native' if method == 'brecq_joint' else method}_init{init}_{bits.lower()}_s{seed}")
+    own = os.path.join(out, f"{method}_init{init}_{bits.lower()}_s{seed}")
     protocol = os.path.join(REPO, PROTOCOL_RUNS, f"{method}_{bits.lower()}_s{seed}")
-    if init == 256 and not os.path.exists(os.path.join(own, "results.json")) and \
-            os.path.exists(os.path.join(protocol, "results.json")):
+    if init == DEFAULT_INIT[method] and not os.path.exists(os.path.join(own, "results.json")):
         return protocol
     return own
 
@@ -63,6 +66,34 @@ def run_one(cell, out: str, threads: int, table_only: bool):
     return r
 
 
+def step_sizes(bits: str, seed: int, threads: int) -> list[str]:
+    """The activation steps each variant starts learning from: brecq_joint with one iteration per unit (the steps
+    after initialisation, before learning moves them), 500 test images, the models' state read back."""
+    import tempfile
+
+    import torch
+    w, a = bits[1:].split("A")
+    steps = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for init in (0, 256):
+            folder = os.path.join(tmp, f"init{init}")
+            cmd = [sys.executable, "ptq_main.py", "--config", CONFIGS["brecq_joint"], "--quiet"]
+            for o in [f"quant.w.bits={w}", f"quant.a.bits={a}", f"runtime.seed={seed}", "algorithm.iters=1",
+                      f"algorithm.act_init_images={init}", "data.evaluation.limit=500", "runtime.save_model=true",
+                      f"runtime.output_dir={folder}"] + ([f"runtime.threads={threads}"] if threads else []):
+                cmd += ["--set", o]
+            subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, check=True)
+            blob = torch.load(os.path.join(folder, "quantized_model.pt"), map_location="cpu", weights_only=False)
+            steps[init] = {k[:-len(".scale")]: float(v) for k, v in blob["state_dict"].items()
+                           if k.endswith("post_act_fake_quantizer.scale")}
+    lines = ["| activation quantizer (output of) | step from calibration (0) | re-observed on the unit's inputs "
+             "(256) | ratio |", "|---|---|---|---|"]
+    for name, s0 in steps[0].items():
+        s256 = steps[256][name]
+        lines.append(f"| {name.replace('_post_act_fake_quantizer', '')} | {s0:.4f} | {s256:.4f} | {s256 / s0:.2f} |")
+    return lines
+
+
 def unit_losses(r: dict) -> dict:
     return {u["name"]: u for u in r.get("algorithm_results", {}).get("units", [])}
 
@@ -84,6 +115,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results/act_init_w2a2.md")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step-size table (two one-iteration runs)")
     args = parser.parse_args()
     out = os.path.join(REPO, args.out)
     os.makedirs(out, exist_ok=True)
@@ -138,6 +170,9 @@ def main() -> int:
     if units:
         text += (f"\nbrecq_joint, seed {first}: each unit's reconstruction loss (first logged value → final, with "
                  "hard rounding):\n\n" + "\n".join(units) + "\n")
+    if not args.no_steps:
+        text += (f"\nThe steps brecq_joint starts learning from, seed {first} (one iteration per unit, so the steps "
+                 "are the initialised ones):\n\n" + "\n".join(step_sizes(args.bits, first, threads)) + "\n")
     write_results(os.path.join(REPO, args.results), text)
     print(text)
     return 0
