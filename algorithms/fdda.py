@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
@@ -457,7 +458,6 @@ class FDDA(Algorithm):
                   "cbns_own": sum(own) / len(own), "cbns_other": sum(other) / max(len(other), 1),
                   "images_per_class": per_class}
         if run_dir:
-            from torchvision.utils import save_image
             grid = (torch.cat(rows) - generator.low) / (generator.high - generator.low)
             save_image(grid.clamp(0, 1).cpu(), f"{run_dir}/samples.png", nrow=9, padding=1)
             report["samples"] = "samples.png"

@@ -20,8 +20,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -69,9 +72,6 @@ def run_one(cell, out: str, threads: int, table_only: bool):
 def step_sizes(bits: str, seed: int, threads: int) -> list[str]:
     """The activation steps each variant starts learning from: brecq_joint with one iteration per unit (the steps
     after initialisation, before learning moves them), 500 test images, the models' state read back."""
-    import tempfile
-
-    import torch
     w, a = bits[1:].split("A")
     steps = {}
     with tempfile.TemporaryDirectory() as tmp:
