@@ -56,6 +56,8 @@ def main() -> int:
                                           "smoke: inside --out)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    parser.add_argument("--table-only", action="store_true",
+                        help="tabulate and plot the finished runs, start none (unfinished cells are left out)")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.smoke else args.seeds
     extra = (SMOKE if args.smoke else []) + args.extra
@@ -69,8 +71,11 @@ def main() -> int:
     scheme_bits = args.scheme_bits or args.bits
     cells = [(m, b, s) for b in args.bits for m in args.methods
              for s in (scheme_seeds if m == "mrecg_scheme" else seeds) if m != "mrecg_scheme" or b in scheme_bits]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda c: rr.run_one(*c, out_root, extra, threads), cells))
+    if args.table_only:
+        results = [rr.finished(*c, out_root) for c in cells]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(lambda c: rr.run_one(*c, out_root, extra, threads), cells))
     done = [(c, r) for c, r in zip(cells, results) if r is not None]
     run_dir = {c: os.path.join(out_root, f"{c[0]}_{c[1].lower()}_s{c[2]}") for c, _ in done}
 
