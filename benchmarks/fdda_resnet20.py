@@ -40,12 +40,12 @@ RUNS = {
 }
 
 
-def run_one(name: str, seed: int, out_root: str, extra: list[str]) -> dict | None:
+def run_one(name: str, seed: int, out_root: str, extra: list[str], table_only: bool = False) -> dict | None:
     config, overrides = RUNS[name]
     run_dir = os.path.join(out_root, f"{name}_s{seed}")
     results = os.path.join(run_dir, "results.json")
-    if os.path.exists(results):
-        return json.load(open(results))
+    if os.path.exists(results) or table_only:
+        return json.load(open(results)) if os.path.exists(results) else None
     # the run folder relative to the repository: committed files carry no path of the machine that made them
     overrides = overrides + [f"runtime.seed={seed}", f"runtime.output_dir={os.path.relpath(run_dir, REPO)}",
                              "runtime.save_model=false"]
@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results/fdda.md")
     parser.add_argument("--bits", default="W4A4", help="e.g. W2A4 (first/last-layer conventions unchanged)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, start none")
     args = parser.parse_args()
     w_bits, a_bits = (int(x) for x in args.bits.upper()[1:].split("A"))
     args.extra = [f"quant.w.bits={w_bits}", f"quant.a.bits={a_bits}"] + args.extra
@@ -102,7 +103,7 @@ def main() -> int:
         for name in args.runs:
             if name.startswith("naive") and seed != args.seeds[0]:
                 continue  # round to nearest draws nothing at random: one run per calibration draw is enough
-            r = run_one(name, seed, os.path.join(REPO, args.out), args.extra)
+            r = run_one(name, seed, os.path.join(REPO, args.out), args.extra, args.table_only)
             if r is not None:
                 rows.append(row(name, seed, r))
                 top1s.setdefault(name, []).append(r["quant"]["top1"])
