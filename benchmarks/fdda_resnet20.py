@@ -75,7 +75,16 @@ def row(name: str, seed: int, r: dict) -> str:
             f"| {name} | {seed} | {r['quant']['top1']:.2f} | – | ") + (
             f"{r['fp32']['top1']:.2f} | "
             f"{r['fp32']['top1'] - r['quant']['top1']:.2f} | {r['calibration_images']} | {steps} | "
-            f"{r['seconds']['quantize']:.0f} | {wall if wall is not None else '–'} |")
+            f"{r['seconds']['quantize']:.0f} | {wall if wall is not None else '–'} | {generated(fdda)} |")
+
+
+def generated(fdda: dict) -> str:
+    """The trained generator's report: does the teacher recognise its classes, are they nearer their own BN
+    centers than the others'? (runs made before the report have none)"""
+    g = fdda.get("generated")
+    if not g:
+        return "–"
+    return f"{g['teacher_top1']:.1f} / {g['cbns_own']:.3g} vs {g['cbns_other']:.3g}"
 
 
 def mean_std(values: list[float]) -> str:
@@ -111,8 +120,9 @@ def main() -> int:
     summary = "\n".join(f"- {name}: {mean_std(values)} top-1 over {len(values)} run(s)"
                          for name, values in top1s.items())
     header = ("| run | seed | top-1 % | top-1 % before fine-tuning | FP32 top-1 % (same images) | drop | "
-              "calibration images | generator / student steps | quantize s | run wall s |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+              "calibration images | generator / student steps | quantize s | run wall s | generated images: teacher "
+              "top-1 % / C-BNS to own center vs other centers |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     threads = os.environ.get("OMP_NUM_THREADS")
     text = (f"# ResNet-20 (CIFAR-10, shared assets): FDDA {args.bits.upper()} from one image per class\n\n"
