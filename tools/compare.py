@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import glob
 import json
 import logging
@@ -32,6 +33,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+import ptqkit.algorithms  # noqa: F401  (registers the methods whose defaults _flat_config reads)
+from ptqkit.algorithms.registry import get_algorithm
+from ptqkit.config import SECTIONS, Config
 from ptqkit.errors import UserError
 from ptqkit.tools import cli
 
@@ -265,7 +269,7 @@ def _variant_keys(runs: list[Run], row_of: dict) -> dict[str, list[str]]:
                     or key == "data.calibration_fraction")
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run.algorithm, row_of[run.path]), []).append(_flatten(run.config))
+        groups.setdefault((run.algorithm, row_of[run.path]), []).append(_flat_config(run))
     keys: dict[str, list[str]] = {}
     for (algorithm, _), flats in groups.items():
         found = keys.setdefault(algorithm, [])
@@ -276,10 +280,30 @@ def _variant_keys(runs: list[Run], row_of: dict) -> dict[str, list[str]]:
     return keys
 
 
+def _flat_config(run: Run) -> dict:
+    """The run's config, flat, with the algorithm keys it lacks at their current defaults: a key added to the
+    schema after the run was made did not exist for it, and it ran as the key's default does."""
+    flat = _flatten(run.config)
+    try:
+        schemas = [("algorithm.", get_algorithm(run.algorithm).Config), ("", Config)]
+    except UserError:
+        return flat
+    for prefix, schema in schemas:
+        for f in dataclasses.fields(schema):
+            key = prefix + f.name
+            if not f.init or key in flat or dataclasses.is_dataclass(f.type) or f.name in SECTIONS:
+                continue
+            if f.default is not dataclasses.MISSING:
+                flat[key] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                flat[key] = f.default_factory()
+    return flat
+
+
 def _column_label(run: Run, keys: list[str]) -> str:
     if not keys:
         return run.algorithm
-    flat = _flatten(run.config)
+    flat = _flat_config(run)
     parts = [f"{k[len('algorithm.'):] if k.startswith('algorithm.') else k}={_show(flat.get(k))}" for k in keys]
     return f"{run.algorithm} ({', '.join(parts)})"
 

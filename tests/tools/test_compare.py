@@ -80,6 +80,22 @@ def test_hyperparameter_variants_get_their_own_columns(tmp_path):
     assert table.cells[(w2, "qdrop (prob=0.5)")].values == [50.0]
 
 
+def test_a_key_older_runs_lack_does_not_split_them_into_columns(tmp_path):
+    """A run made before a key existed ran as its default does: it joins the runs that record the default
+    (act_init_images stands for such a key: qdrop's default is 256)."""
+    old = make_run(tmp_path, "old", algorithm="qdrop", top1=70.0, config={"algorithm": {"act_init_images": 256}})
+    with open(os.path.join(old, "results.json")) as f:
+        results = json.load(f)
+    del results["config"]["algorithm"]["act_init_images"]
+    with open(os.path.join(old, "results.json"), "w") as f:
+        json.dump(results, f)
+    make_run(tmp_path, "new", algorithm="qdrop", top1=72.0, config={"algorithm": {"act_init_images": 256}})
+    make_run(tmp_path, "other", algorithm="qdrop", top1=60.0, config={"algorithm": {"act_init_images": 0}})
+    table = compare.build_table([compare.load_run(p) for p in compare.find_runs([str(tmp_path / "*")])])
+    assert sorted(table.columns) == ["qdrop (act_init_images=0)", "qdrop (act_init_images=256)"]
+    assert sorted(table.cells[(table.rows[0], "qdrop (act_init_images=256)")].values) == [70.0, 72.0]
+
+
 def test_mismatched_runs_are_refused_with_their_difference(tmp_path):
     a = make_run(tmp_path, "a")
     b = make_run(tmp_path, "b", images=1000, fp32=80.5, config={"data": {"evaluation": {"limit": 1000}}})
