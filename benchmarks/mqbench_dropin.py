@@ -29,6 +29,37 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
+def resnet20_and_calibration(images: int, seed: int):
+    """The shared CIFAR-10 ResNet-20 (eval mode), its validated data config, splits and calibration images."""
+    from ptqkit import data
+    from ptqkit.config import validate
+    from ptqkit.models import build_model, load_checkpoint
+    assets = os.path.normpath(os.path.join(REPO, "..", "shared", "assets", "cifar10"))
+    cfg = validate({"model": {"name": "cifar_resnet20"},
+                    "data": {"root": assets, "preset": "cifar10",
+                             "calibration": {"split": "train", "num_images": images, "batch_size": 32, "seed": seed},
+                             "evaluation": {"split": "test", "batch_size": 500}}})
+    splits = data.make_splits(cfg.data)
+    calib, _ = data.draw_calibration(splits, cfg.data.calibration)
+    fp = build_model("cifar_resnet20")
+    load_checkpoint(fp, os.path.join(assets, "resnet20-12fca82f.th"))
+    return fp.eval(), cfg, splits, calib
+
+
+def prepared_as_mqbench(fp, w_bits: int, a_bits: int):
+    """A copy of `fp` prepared by MQBench as its QDrop config does (Academic, AdaRound weights, QDrop activations,
+    MSE / EMA-MSE observers), the option-A shortcut a leaf module."""
+    from mqbench.prepare_by_platform import BackendType, prepare_by_platform
+    from ptqkit.models.cifar_resnet import OptionAShortcut
+    scheme = {"symmetry": False, "pot_scale": False, "p": 2.4}
+    extra = {"extra_qconfig_dict": {
+        "w_observer": "MSEObserver", "a_observer": "EMAMSEObserver",
+        "w_fakequantize": "AdaRoundFakeQuantize", "a_fakequantize": "QDropFakeQuantize",
+        "w_qscheme": {"bit": w_bits, "per_channel": True, **scheme},
+        "a_qscheme": {"bit": a_bits, "per_channel": False, **scheme}}, "leaf_module": [OptionAShortcut]}
+    return prepare_by_platform(copy.deepcopy(fp), BackendType.Academic, extra).eval()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=2000)
@@ -50,29 +81,15 @@ def main() -> int:
     logging.getLogger("MQBENCH").setLevel(logging.WARNING)
     from easydict import EasyDict
     import mqbench.advanced_ptq as mq_ptq
-    from mqbench.prepare_by_platform import BackendType, prepare_by_platform
     from mqbench.utils.state import enable_quantization
     from ptqkit import data
-    from ptqkit.config import validate
     from ptqkit.from_mqbench import calibrate_as_mqbench, ptq_reconstruction
-    from ptqkit.models import build_model, load_checkpoint
-    from ptqkit.models.cifar_resnet import OptionAShortcut
     from reconstruction_resnet20 import write_results
 
     w_bits, a_bits = (int(x) for x in args.bits[1:].split("A"))
-    assets = os.path.normpath(os.path.join(REPO, "..", "shared", "assets", "cifar10"))
-    cfg = validate({"model": {"name": "cifar_resnet20"},
-                    "data": {"root": assets, "preset": "cifar10",
-                             "calibration": {"split": "train", "num_images": args.images, "batch_size": 32,
-                                             "seed": args.seed},
-                             "evaluation": {"split": "test", "batch_size": 500}}})
-    splits = data.make_splits(cfg.data)
-    calib, _ = data.draw_calibration(splits, cfg.data.calibration)
+    fp, cfg, splits, calib = resnet20_and_calibration(args.images, args.seed)
     xs, ys = zip(*data.evaluation_loader(splits, cfg.data.evaluation))
     images, labels = torch.cat(xs), torch.cat(ys)
-    fp = build_model("cifar_resnet20")
-    load_checkpoint(fp, os.path.join(assets, "resnet20-12fca82f.th"))
-    fp.eval()
 
     def top1(model) -> float:
         with torch.no_grad():
@@ -81,13 +98,7 @@ def main() -> int:
 
     load_before = os.getloadavg()
     fp32 = top1(fp)
-    extra = {"extra_qconfig_dict": {
-        "w_observer": "MSEObserver", "a_observer": "EMAMSEObserver",
-        "w_fakequantize": "AdaRoundFakeQuantize", "a_fakequantize": "QDropFakeQuantize",
-        "w_qscheme": {"bit": w_bits, "symmetry": False, "per_channel": True, "pot_scale": False, "p": 2.4},
-        "a_qscheme": {"bit": a_bits, "symmetry": False, "per_channel": False, "pot_scale": False, "p": 2.4}},
-        "leaf_module": [OptionAShortcut]}
-    model = prepare_by_platform(copy.deepcopy(fp), BackendType.Academic, extra).eval()
+    model = prepared_as_mqbench(fp, w_bits, a_bits)
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
     start = time.perf_counter()
     calibrate_as_mqbench(model, batches)

@@ -48,32 +48,13 @@ def main() -> int:
     logging.getLogger("MQBENCH").setLevel(logging.WARNING)
     from easydict import EasyDict
     import mqbench.advanced_ptq as mq
-    from mqbench.prepare_by_platform import BackendType, prepare_by_platform
-    from ptqkit import data
-    from ptqkit.config import validate
     from ptqkit.from_mqbench import calibrate_as_mqbench, ptq_reconstruction
-    from ptqkit.models import build_model, load_checkpoint
-    from ptqkit.models.cifar_resnet import OptionAShortcut
+    from mqbench_dropin import prepared_as_mqbench, resnet20_and_calibration
     from reconstruction_resnet20 import write_results
 
     w_bits, a_bits = (int(x) for x in args.bits[1:].split("A"))
-    assets = os.path.normpath(os.path.join(REPO, "..", "shared", "assets", "cifar10"))
-    cfg = validate({"model": {"name": "cifar_resnet20"},
-                    "data": {"root": assets, "preset": "cifar10",
-                             "calibration": {"split": "train", "num_images": args.images, "batch_size": 32,
-                                             "seed": args.seed},
-                             "evaluation": {"split": "test", "batch_size": 500}}})
-    calib, _ = data.draw_calibration(data.make_splits(cfg.data), cfg.data.calibration)
-    fp = build_model("cifar_resnet20")
-    load_checkpoint(fp, os.path.join(assets, "resnet20-12fca82f.th"))
-    fp.eval()
-    scheme = {"symmetry": False, "pot_scale": False, "p": 2.4}
-    extra = {"extra_qconfig_dict": {
-        "w_observer": "MSEObserver", "a_observer": "EMAMSEObserver",
-        "w_fakequantize": "AdaRoundFakeQuantize", "a_fakequantize": "QDropFakeQuantize",
-        "w_qscheme": {"bit": w_bits, "per_channel": True, **scheme},
-        "a_qscheme": {"bit": a_bits, "per_channel": False, **scheme}}, "leaf_module": [OptionAShortcut]}
-    model = prepare_by_platform(copy.deepcopy(fp), BackendType.Academic, extra).eval()
+    fp, _, _, calib = resnet20_and_calibration(args.images, args.seed)
+    model = prepared_as_mqbench(fp, w_bits, a_bits)
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
     calibrate_as_mqbench(model, batches)
     config = EasyDict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0.01, max_count=2000, b_range=[20, 2],
