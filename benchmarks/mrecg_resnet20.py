@@ -55,12 +55,14 @@ def main() -> int:
     parser.add_argument("--results", help="Markdown summary (default benchmarks/results/mrecg_resnet20.md; "
                                           "smoke: inside --out)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
+    parser.add_argument("--model", default="resnet20", choices=sorted(rr.DEPTH_CHECKPOINTS),
+                        help="the CIFAR-10 ResNet of the shared assets (the protocol, unchanged, on a deeper one)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     parser.add_argument("--table-only", action="store_true",
                         help="tabulate and plot the finished runs, start none (unfinished cells are left out)")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.smoke else args.seeds
-    extra = (SMOKE if args.smoke else []) + args.extra
+    extra = (SMOKE if args.smoke else []) + rr.model_overrides(args.model) + args.extra
     out_root = os.path.join(REPO, args.out or ("benchmarks/runs/mrecg_smoke" if args.smoke
                                                else "benchmarks/runs/resnet20"))
     results_md = os.path.join(REPO, args.results or (os.path.join(out_root, "results.md") if args.smoke
@@ -81,7 +83,8 @@ def main() -> int:
 
     from ptqkit.tools.compare import compare
     from ptqkit.tools.plot_unit_losses import plot
-    report_dir = out_root if args.smoke else os.path.join(os.path.dirname(results_md), "mrecg_resnet20")
+    report_dir = out_root if args.smoke else os.path.join(os.path.dirname(results_md),
+                                                              os.path.splitext(os.path.basename(results_md))[0])
     aggregated = ""
     if done:
         compare([run_dir[c] for c, _ in done], report_dir)
@@ -96,7 +99,7 @@ def main() -> int:
 
     groups = list(dict.fromkeys(g for (m, b, _), r in done if (g := groups_line(m, b, r))))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    text = (f"# ResNet-20 (CIFAR-10, shared assets): MRECG beside QDrop\n\nMade by `{command}` on "
+    text = (f"# ResNet-{args.model[6:]} (CIFAR-10, shared assets): MRECG beside QDrop\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores)"
             + (f"; smoke overrides: {', '.join(SMOKE)}" if args.smoke else "") + ".\n\n"
             f"## Runs\n\n{rr.ROW_HEADER}\n" + "\n".join(rr.row(*c, r) for c, r in done) + "\n\n"

@@ -116,6 +116,13 @@ def write_results(path: str, text: str) -> None:
         f.write(text + (f"\n{notes}" if notes else ""))
 
 
+def model_overrides(model: str) -> list[str]:
+    """--set overrides that put the protocol's configs (all ResNet-20) on another CIFAR ResNet of the shared assets."""
+    if model == "resnet20":
+        return []
+    return [f"model.name=cifar_{model}", f"model.checkpoint=../shared/assets/cifar10/{DEPTH_CHECKPOINTS[model]}"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["naive", "adaround", "brecq", "brecq_joint", "qdrop"])
@@ -130,9 +137,7 @@ def main() -> int:
     parser.add_argument("--table-only", action="store_true",
                         help="tabulate the finished runs, start none (cells not finished are listed as missing)")
     args = parser.parse_args()
-    if args.model != "resnet20":
-        args.extra = [f"model.name=cifar_{args.model}",
-                      f"model.checkpoint=../shared/assets/cifar10/{DEPTH_CHECKPOINTS[args.model]}"] + args.extra
+    args.extra = model_overrides(args.model) + args.extra
     out_root = os.path.join(REPO, args.out)
     os.makedirs(out_root, exist_ok=True)
     cells = [(m, b, s) for m in args.methods for b in args.bits for s in args.seeds]
