@@ -73,6 +73,11 @@ def main() -> int:
                         help="a third row: the drop-in re-observing each unit's activation ranges on this many of "
                              "its cached inputs before learning (this toolkit's default, 256), where MQBench keeps "
                              "the calibrated steps")
+    parser.add_argument("--bound-grad", choices=("pass", "stop"), default="pass",
+                        help="the drop-in's quant.a.bound_grad (stop: what MQBench's own formula computes on this "
+                             "torch, docs/MQBENCH_GAP.md)")
+    parser.add_argument("--skip-mqbench", action="store_true",
+                        help="leave MQBench's own call out (its row is in an earlier results file)")
     parser.add_argument("--results", default="benchmarks/results/mqbench_dropin.md")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -106,11 +111,14 @@ def main() -> int:
     config = EasyDict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0.01, max_count=args.iters,
                       b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=args.prob)
 
-    calls = [("MQBench ptq_reconstruction", lambda m: mq_ptq.ptq_reconstruction(m, batches, config)),
-             ("ptqkit.from_mqbench.ptq_reconstruction", lambda m: ptq_reconstruction(m, batches, config))]
+    ours = EasyDict(config, bound_grad=args.bound_grad) if args.bound_grad != "pass" else config
+    suffix = f", bound_grad={args.bound_grad}" if args.bound_grad != "pass" else ""
+    calls = [] if args.skip_mqbench else [("MQBench ptq_reconstruction",
+                                           lambda m: mq_ptq.ptq_reconstruction(m, batches, config))]
+    calls.append((f"ptqkit.from_mqbench.ptq_reconstruction{suffix}", lambda m: ptq_reconstruction(m, batches, ours)))
     if args.act_init_images is not None:
-        reinit = EasyDict(config, act_init_images=args.act_init_images)
-        calls.append((f"ptqkit.from_mqbench.ptq_reconstruction, act_init_images={args.act_init_images}",
+        reinit = EasyDict(ours, act_init_images=args.act_init_images)
+        calls.append((f"ptqkit.from_mqbench.ptq_reconstruction{suffix}, act_init_images={args.act_init_images}",
                       lambda m: ptq_reconstruction(m, batches, reinit)))
     rows = []
     for name, call in calls:
@@ -137,7 +145,8 @@ def main() -> int:
              "reconstruction call end to end (caching, learning, hardening). All 10,000 test images.", "",
              "| reconstruction | top-1 % | FP32 top-1 % (same images) | seconds |", "|---|---|---|---|"]
     lines += [f"| {n} | {t:.2f} | {fp32:.2f} | {s:.0f} |" for n, t, s in rows]
-    lines.append(f"\nDrop-in / MQBench time: {rows[1][2] / rows[0][2]:.2f}x.")
+    if not args.skip_mqbench:
+        lines.append(f"\nDrop-in / MQBench time: {rows[1][2] / rows[0][2]:.2f}x.")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -112,6 +112,11 @@ class TensorQuant:
 class ActivationQuant(TensorQuant):
     bits: Optional[int] = spec(4, lo=2, hi=8, doc="null = no activation quantizer anywhere (weight-only "
                                                   "quantization, the W*A32 rows of the AdaRound and BRECQ tables)")
+    bound_grad: str = spec("pass", choices=("pass", "stop"),
+                           doc="gradient, while steps learn, of an element rounded onto the lowest or highest level: "
+                               "pass = as inside the grid (LSQ; the BRECQ/QDrop code on the torch it was written "
+                               "for); stop = as clipped (what MQBench's formula gets from the clamp of the torch "
+                               "here, 2.14, pytorch issue 184574; docs/MQBENCH_GAP.md)")
 
 
 def _weights_default():

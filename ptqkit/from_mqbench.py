@@ -3,7 +3,8 @@
 MQBench's signature and return value, on a model `mqbench.prepare_by_platform` prepared and that was calibrated the
 MQBench way. `config` is MQBench's reconstruction config (an EasyDict or a dict), read as `ptqkit.mqbench_config`
 reads `quantize.reconstruction`; `algorithm: <name>` and that method's own keys pick any method registered here
-(PD-Quant, MRECG, ...). MQBench's fake quantizers are replaced by this toolkit's with the same calibrated state.
+(PD-Quant, MRECG, ...); `bound_grad: pass | stop` is `quant.a.bound_grad` (default pass; MQBench's own loop on this
+torch computes stop, docs/MQBENCH_GAP.md). MQBench's fake quantizers are replaced by this toolkit's with the same calibrated state.
 """
 from __future__ import annotations
 
@@ -108,19 +109,23 @@ def ptq_reconstruction(model: fx.GraphModule, cali_data: list, config, graph_mod
     # MQBench's FixedFakeQuantize on activations: steps stay as calibrated (its AdaRound), as translate() reads it
     learnable = not any(type(m).__name__ == "FixedFakeQuantize" for n, m in model.named_modules()
                         if isinstance(m, QuantizeBase) and not n.endswith("weight_fake_quant"))
-    algorithm = algorithm_section(dict(config), learnable, path="config")
+    config = dict(config)
+    bound_grad = config.pop("bound_grad", "pass")
+    algorithm = algorithm_section(config, learnable, path="config")
     algorithm.setdefault("batch_size", len(batches[0]))
     tree = {"model": {"name": "resnet18"},      # not built: the prepared model is given
             "data": {"root": os.getcwd(), "calibration": {"split": None, "batch_size": len(batches[0]),
                                                           "num_images": sum(len(b) for b in batches)},
                      "evaluation": {"split": None}},
             "quant": {"w": {"bits": _bits(weights), **_scheme(weights)},
-                      "a": {"bits": _bits(acts), **_scheme(acts)}},
+                      "a": {"bits": _bits(acts), **_scheme(acts), "bound_grad": bound_grad}},
             "algorithm": algorithm}
     cfg = validate(tree)
     if "cle" in cfg.algorithm.prepasses:
         raise ConfigError("config.prepasses", "no cle (equalization changes the FP model before quantizers go "
                           "in; run it before prepare_by_platform)", cfg.algorithm.prepasses)
+    for q in acts:
+        q.bound_grad = cfg.quant.a.bound_grad
     method = get_algorithm(cfg.algorithm.name)(cfg.algorithm)
     if not hasattr(method, "calibrated_model"):
         raise ConfigError("config.algorithm", "a reconstruction method (naive is calibration alone, which "

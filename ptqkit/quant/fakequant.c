@@ -14,6 +14,9 @@
  *     forward   out_i  = keep_i ? qc * s : x_i
  *     backward  dx_i   = keep_i && q != qc ? 0 : g_i                    (straight-through, clamped elements stop)
  *               ds    += keep_i ? (q != qc ? qc : q - u) * g_i : 0      (LSQ step gradient)
+ * With `stop_at_bounds`, "clamped" is q <= lo or q >= hi instead of q != qc: an element that rounds onto the lowest or
+ * highest level counts as clipped (dx 0, ds qc). That is the gradient MQBench's round-STE-then-clamp formula gets
+ * from torch's clamp since its boundary subgradient became 0 (pytorch#184574); the papers' code had 1 there.
  * The training forward writes, beside `out`, one float per element that holds everything the backward needs:
  * q - u (in [-1/2, 1/2]) where kept inside the grid, 0 where dropped, qc +/- CODE_OFFSET where kept and clamped
  * (integers, exact). The backward is then one light pass over it and the incoming gradient.
@@ -85,13 +88,14 @@ static inline double sum_lanes(const float *acc) {
 
 /* ------------------------------------------------------------------------------------ activation quantization */
 
-static inline float kept_code(float u, float q, float qc) {
-    return q == qc ? q - u : (qc >= 0.0f ? qc + CODE_OFFSET : qc - CODE_OFFSET);
+static inline float kept_code(float u, float q, float qc, float lo, float hi, int stop_at_bounds) {
+    int inside = stop_at_bounds ? (q > lo && q < hi) : q == qc;
+    return inside ? q - u : (qc >= 0.0f ? qc + CODE_OFFSET : qc - CODE_OFFSET);
 }
 
 /* Inference (code == NULL) or training forward (code != NULL, see the header). */
 void ptq_fq_forward(const float *x, float *out, float *code, int64_t n, float scale, float lo, float hi,
-                    uint64_t key, uint32_t threshold, int threads) {
+                    uint64_t key, uint32_t threshold, int stop_at_bounds, int threads) {
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
     int drop = threshold < 65536u;
 #pragma omp parallel for schedule(static) num_threads(threads_for(n, threads))
@@ -113,7 +117,7 @@ void ptq_fq_forward(const float *x, float *out, float *code, int64_t n, float sc
             float u = xc[i] / scale, q = nearbyintf(u), qc = clampf(q, lo, hi);
             int keep = !drop || r[i] < threshold;
             oc[i] = keep ? qc * scale : xc[i];
-            cc[i] = keep ? kept_code(u, q, qc) : 0.0f;
+            cc[i] = keep ? kept_code(u, q, qc, lo, hi, stop_at_bounds) : 0.0f;
         }
     }
 }

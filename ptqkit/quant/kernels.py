@@ -93,7 +93,7 @@ def library():
         return None
     f32, i64, u64, u32, cint = ctypes.c_float, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
     ptr = ctypes.c_void_p
-    lib.ptq_fq_forward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, u64, u32, cint]
+    lib.ptq_fq_forward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, u64, u32, cint, cint]
     lib.ptq_fq_forward.restype = None
     lib.ptq_fq_backward.argtypes = [ptr, ptr, ptr, i64, cint, cint]
     lib.ptq_fq_backward.restype = ctypes.c_double
@@ -186,7 +186,7 @@ def mix_rows(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, keep_prob: fl
 CODE_OFFSET = 1048576.0   # fakequant.c: a kept, clamped element's code is its clamped integer +/- this
 
 
-def _reference_forward(x, scale, lo, hi, key, thr, train):
+def _reference_forward(x, scale, lo, hi, key, thr, train, stop_at_bounds=False):
     """out (and the backward's code when `train`) in torch ops: fakequant.c's ptq_fq_forward."""
     u = x / scale
     q = torch.round(u)
@@ -198,7 +198,8 @@ def _reference_forward(x, scale, lo, hi, key, thr, train):
     if not train:
         return out, None
     clamped_code = torch.where(qc >= 0, qc + CODE_OFFSET, qc - CODE_OFFSET)
-    code = torch.where(q == qc, q - u, clamped_code)
+    inside = (q > lo) & (q < hi) if stop_at_bounds else q == qc
+    code = torch.where(inside, q - u, clamped_code)
     if keep is not None:
         code = code.masked_fill(~keep, 0.0)
     return out, code
@@ -214,22 +215,22 @@ def _reference_backward(code, g, need_scale_grad):
     return gx, gs
 
 
-def _forward(x, scale, lo, hi, key, thr, train):
+def _forward(x, scale, lo, hi, key, thr, train, stop_at_bounds=False):
     if _native(x):
         out = torch.empty_like(x)
         code = torch.empty_like(x) if train else None
         library().ptq_fq_forward(x.data_ptr(), out.data_ptr(), code.data_ptr() if train else None, x.numel(),
-                                 float(scale), lo, hi, key, thr, torch.get_num_threads())
+                                 float(scale), lo, hi, key, thr, int(stop_at_bounds), torch.get_num_threads())
         return out, code
-    return _reference_forward(x, scale.detach(), lo, hi, key, thr, train)
+    return _reference_forward(x, scale.detach(), lo, hi, key, thr, train, stop_at_bounds)
 
 
 class _ActFakeQuant(torch.autograd.Function):
     """keep ? clamp(round(x / s), qmin - z, qmax - z) · s : x, with the LSQ step gradient (fakequant.c)."""
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, key, thr):
-        out, code = _forward(x, scale, lo, hi, key, thr, train=True)
+    def forward(ctx, x, scale, lo, hi, key, thr, stop_at_bounds):
+        out, code = _forward(x, scale, lo, hi, key, thr, train=True, stop_at_bounds=stop_at_bounds)
         ctx.save_for_backward(code)
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
         return out
@@ -247,13 +248,15 @@ class _ActFakeQuant(torch.autograd.Function):
             gx, gs = _reference_backward(code, g, need_scale_grad)
         gs = torch.full(ctx.scale_shape, float(gs), dtype=ctx.scale_dtype, device=g.device) \
             if need_scale_grad else None
-        return gx, gs, None, None, None, None
+        return gx, gs, None, None, None, None, None
 
 
 def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
-                   keep_prob: float = 1.0) -> torch.Tensor:
+                   keep_prob: float = 1.0, stop_at_bounds: bool = False) -> torch.Tensor:
     """Per-tensor fake quantization of `x` with step `scale` (one element), each element kept quantized with
-    probability `keep_prob` (QDrop) and passed through otherwise; differentiable in `x` and `scale`."""
+    probability `keep_prob` (QDrop) and passed through otherwise; differentiable in `x` and `scale`.
+    `stop_at_bounds`: an element rounded onto the lowest or highest level is treated as clipped in the backward
+    (fakequant.c's header)."""
     zp = float(zero_point)
     lo, hi = float(quant_min) - zp, float(quant_max) - zp
     thr = threshold(keep_prob)
@@ -261,7 +264,7 @@ def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     if x.device.type == "cpu" and x.dtype == torch.float32 and not x.is_contiguous():
         x = x.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _ActFakeQuant.apply(x, scale, lo, hi, key, thr)
+        return _ActFakeQuant.apply(x, scale, lo, hi, key, thr, bool(stop_at_bounds))
     return _forward(x, scale.detach(), lo, hi, key, thr, train=False)[0]
 
 

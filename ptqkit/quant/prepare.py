@@ -169,6 +169,8 @@ def prepare_quantized(fp_model: nn.Module, qcfg, leaf_modules=()) -> tuple[torch
         set_bits(modules[name].weight_fake_quant, qcfg.w.bits if bits is None else bits)
     if qcfg.a.bits is None:
         return gm, _weight_only(gm, layout, qcfg)
+    for q in act_quantizers(gm):
+        q.bound_grad = qcfg.a.bound_grad
     if layout.last_input_quantizer is not None:
         bits = qcfg.last_layer_a_bits
         set_bits(modules[layout.last_input_quantizer], qcfg.a.bits if bits is None else bits)

@@ -129,6 +129,9 @@ class ActQuantizer(QDropFakeQuantize):
         self.prob = float(value)
 
     learn_step = True   # False: the step stays as calibrated (the network input's, by default: see QuantConfig)
+    # "pass": an element rounded onto the lowest or highest level passes the gradient (the papers' LSQ / round-STE
+    # on the torch they used); "stop": it counts as clipped (quant.a.bound_grad, fakequant.c's header)
+    bound_grad = "pass"
 
     def step_parameters(self) -> list[nn.Parameter]:
         """The step sizes reconstruction optimises (one here; a multi-bit quantizer has one per bit-width)."""
@@ -140,7 +143,8 @@ class ActQuantizer(QDropFakeQuantize):
             # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records; the fused kernel
             # computes the same values but is opaque to it
             return super().forward(X)
-        return kernels.act_fake_quant(X, self.scale, self.zero_point, self.quant_min, self.quant_max, self.prob)
+        return kernels.act_fake_quant(X, self.scale, self.zero_point, self.quant_min, self.quant_max, self.prob,
+                                      stop_at_bounds=self.bound_grad == "stop")
 
 
 _mq_prepare.FakeQuantizeDict.setdefault("PTQWeightQuantizer", WeightQuantizer)
@@ -254,7 +258,7 @@ class MultiBitActQuantizer(ActQuantizer):
         new = cls(lambda: copy.deepcopy(q.activation_post_process), bit_set=bit_set, active_bits=active_bits)
         new.fake_quant_enabled.copy_(q.fake_quant_enabled)
         new.observer_enabled.copy_(q.observer_enabled)
-        new.prob = q.prob
+        new.prob, new.bound_grad = q.prob, q.bound_grad
         with torch.no_grad():
             for bits in new.bit_set:
                 getattr(new, f"scale_b{bits}").copy_(q.scale.detach())

@@ -37,11 +37,12 @@ def test_kernels_build_where_a_compiler_is():
     assert kernels.library() is not None
 
 
-def formula(x, scale, z, qmin, qmax, keep):
-    """The STE / LSQ formula, element by element in float64: output, d out / dx, d out / ds."""
+def formula(x, scale, z, qmin, qmax, keep, stop_at_bounds=False):
+    """The STE / LSQ formula, element by element in float64: output, d out / dx, d out / ds. `stop_at_bounds`: an
+    element rounded onto qmin or qmax counts as clipped."""
     x, s = x.double(), float(scale)
     r = torch.round(x / s)
-    inside = (r + z >= qmin) & (r + z <= qmax)
+    inside = (r + z > qmin) & (r + z < qmax) if stop_at_bounds else (r + z >= qmin) & (r + z <= qmax)
     qc = torch.clamp(r + z, qmin, qmax) - z
     out, dx, ds = qc * s, inside.double(), torch.where(inside, r - x / s, qc)
     if keep is not None:
@@ -52,7 +53,8 @@ def formula(x, scale, z, qmin, qmax, keep):
 @pytest.mark.parametrize("keep_prob", [1.0, 0.5])
 @pytest.mark.parametrize("zero_point", [0.0, 3.0])
 @pytest.mark.parametrize("path", ["native", "reference"])
-def test_fake_quant_is_the_ste_lsq_formula(post_relu, keep_prob, zero_point, path, monkeypatch):
+@pytest.mark.parametrize("stop_at_bounds", [False, True])
+def test_fake_quant_is_the_ste_lsq_formula(post_relu, keep_prob, zero_point, path, stop_at_bounds, monkeypatch):
     if path == "native" and kernels.library() is None:
         pytest.skip("fused kernels not built")
     if path == "reference":
@@ -64,10 +66,10 @@ def test_fake_quant_is_the_ste_lsq_formula(post_relu, keep_prob, zero_point, pat
     torch.manual_seed(7)
     key = kernels.new_key()
     torch.manual_seed(7)   # act_fake_quant draws the same key
-    out = kernels.act_fake_quant(xr, s, torch.tensor([zero_point]), 0, 15, keep_prob)
+    out = kernels.act_fake_quant(xr, s, torch.tensor([zero_point]), 0, 15, keep_prob, stop_at_bounds)
     out.backward(grad)
     keep = kernels.keep_mask(x.shape, keep_prob, "cpu", key=key) if keep_prob < 1 else None
-    ref_out, ref_dx, ref_ds = formula(x, scale, zero_point, 0, 15, keep)
+    ref_out, ref_dx, ref_ds = formula(x, scale, zero_point, 0, 15, keep, stop_at_bounds)
     assert torch.allclose(out.double(), ref_out, rtol=0, atol=1e-6)
     assert torch.equal(xr.grad.double(), grad.double() * ref_dx)
     assert s.grad.item() == pytest.approx(float((grad.double() * ref_ds).sum()), rel=1e-5)
@@ -77,13 +79,14 @@ def test_fake_quant_is_the_ste_lsq_formula(post_relu, keep_prob, zero_point, pat
 
 @native
 @pytest.mark.parametrize("keep_prob", [1.0, 0.5, 0.3])
-def test_native_equals_reference_element_for_element(post_relu, keep_prob):
+@pytest.mark.parametrize("stop_at_bounds", [False, True])
+def test_native_equals_reference_element_for_element(post_relu, keep_prob, stop_at_bounds):
     x, scale = post_relu
     x = x * 1.7 - 0.4   # values on both sides of the range
     thr, key = kernels.threshold(keep_prob), 12345
     for train in (False, True):
-        out, code = kernels._forward(x, scale, -3.0, 12.0, key, thr, train)
-        ref_out, ref_code = kernels._reference_forward(x, scale, -3.0, 12.0, key, thr, train)
+        out, code = kernels._forward(x, scale, -3.0, 12.0, key, thr, train, stop_at_bounds)
+        ref_out, ref_code = kernels._reference_forward(x, scale, -3.0, 12.0, key, thr, train, stop_at_bounds)
         assert torch.equal(out, ref_out)
         if train:
             assert torch.equal(code, ref_code)
@@ -100,18 +103,30 @@ def test_native_equals_reference_element_for_element(post_relu, keep_prob):
     assert torch.equal(mask, (kernels.draws(x.numel(), key, "cpu") < thr).view(x.shape))
 
 
+def torch_clamp_stops_at_bounds() -> bool:
+    """Whether this torch's clamp gives gradient 0 to a value exactly on its bound (pytorch issue 184574; 1 before)."""
+    v = torch.zeros(1, requires_grad=True)
+    torch.clamp(v, 0.0, 1.0).sum().backward()
+    return v.grad.item() == 0.0
+
+
 def test_fake_quant_agrees_with_mqbench_autograd(post_relu):
-    """MQBench's round_ste computes (round(v) - v) + v, which can land an ulp outside [qmin, qmax] for a value
-    rounding exactly onto an end, and then counts it as clamped: the upstream gradient is zero on such elements
-    here, so both must agree everywhere else (up to the rounding of MQBench's (g * s) / s)."""
+    """MQBench's formula, round_ste(x / s) then torch.clamp, takes its treatment of the values rounded exactly onto
+    qmin or qmax from torch's clamp: on a torch whose clamp stops the gradient at its bounds it is
+    bound_grad "stop" on every element; on one that passes it, it is "pass" except where round_ste's
+    (round(v) - v) + v lands an ulp outside the range (those elements are left out of the comparison)."""
     x, scale = post_relu
     zp = torch.tensor([3.0])
     level = torch.round(x / scale) + zp
     at_end = (level == 0) | (level == 15)
-    assert at_end.float().mean() > 0.001  # the fuzz really is there to avoid
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).masked_fill_(at_end, 0.0)
+    assert at_end.float().mean() > 0.001  # the elements where the conventions differ are really there
+    stop = torch_clamp_stops_at_bounds()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    if not stop:
+        grad = grad.masked_fill_(at_end, 0.0)
     grads = []
-    for fn in (lambda x, s: kernels.act_fake_quant(x, s, zp, 0, 15), lambda x, s: mq_fq(x, s, zp, 0, 15)):
+    for fn in (lambda x, s: kernels.act_fake_quant(x, s, zp, 0, 15, stop_at_bounds=stop),
+               lambda x, s: mq_fq(x, s, zp, 0, 15)):
         xr, s = x.clone().requires_grad_(), scale.clone().requires_grad_()
         out = fn(xr, s)
         out.backward(grad)
@@ -120,6 +135,25 @@ def test_fake_quant_agrees_with_mqbench_autograd(post_relu):
     assert torch.equal(o1, o2)
     assert torch.allclose(gx1, gx2, rtol=1e-5, atol=0)
     assert gs1.item() == pytest.approx(gs2.item(), rel=1e-4)
+
+
+def test_bound_conventions_differ_on_real_activations(post_relu):
+    """At 2 bits most post-ReLU values round onto 0 or 3: the two conventions give different step gradients, and
+    "stop" passes no gradient to any of those elements."""
+    x, _ = post_relu
+    scale = torch.tensor([float(x.quantile(0.99)) / 3])
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for stop in (False, True):
+        xr, s = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        kernels.act_fake_quant(xr, s, torch.tensor([0.0]), 0, 3, stop_at_bounds=stop).backward(grad)
+        results[stop] = (xr.grad, s.grad.item())
+    level = torch.round(x / scale).clamp(0, 3)
+    on_bounds = (level == 0) | (level == 3)
+    assert on_bounds.float().mean() > 0.5
+    assert torch.equal(results[True][0][on_bounds], torch.zeros(int(on_bounds.sum())))
+    assert (results[False][0][on_bounds & (x / scale < 3)] != 0).any()
+    assert results[True][1] != pytest.approx(results[False][1], rel=0.05)
 
 
 def test_keep_mask_follows_the_probability_and_its_key():
