@@ -111,6 +111,8 @@ def ptq_reconstruction(model: fx.GraphModule, cali_data: list, config, graph_mod
                         if isinstance(m, QuantizeBase) and not n.endswith("weight_fake_quant"))
     config = dict(config)
     bound_grad = config.pop("bound_grad", "pass")
+    if bound_grad not in ("pass", "stop"):
+        raise ConfigError("config.bound_grad", "pass or stop (quant.a.bound_grad)", bound_grad)
     algorithm = algorithm_section(config, learnable, path="config")
     algorithm.setdefault("batch_size", len(batches[0]))
     tree = {"model": {"name": "resnet18"},      # not built: the prepared model is given

@@ -222,3 +222,5 @@ def test_the_drop_in_refuses_what_it_cannot_do_in_one_line(resnet20, cifar_calib
         ptq_reconstruction(resnet20, batches, MQ_RECONSTRUCTION)
     with pytest.raises(ConfigError, match=r"^config key 'config\.lr_schedule': expected a key of MQBench's "):
         ptq_reconstruction(model, batches, {**MQ_RECONSTRUCTION, "lr_schedule": "cos"})
+    with pytest.raises(ConfigError, match=r"^config key 'config\.bound_grad': expected pass or stop"):
+        ptq_reconstruction(model, batches, {**MQ_RECONSTRUCTION, "bound_grad": "clip"})

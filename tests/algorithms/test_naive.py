@@ -40,6 +40,16 @@ def test_bit_conventions_are_applied_as_configured(resnet20, cifar_calib):
                    for n in qmodel.graph.nodes)
 
 
+def test_bound_grad_reaches_every_activation_quantizer(resnet20):
+    from ptqkit.errors import ConfigError
+    from ptqkit.quant.quantizers import act_quantizers
+    for value in ("pass", "stop"):
+        qmodel, _ = prepare_quantized(resnet20, validate(base_tree(quant={"a": {"bound_grad": value}})).quant)
+        assert {q.bound_grad for q in act_quantizers(qmodel)} == {value}
+    with pytest.raises(ConfigError, match=r"^config key 'quant\.a\.bound_grad'"):
+        validate(base_tree(quant={"a": {"bound_grad": "clip"}}))
+
+
 @pytest.mark.slow
 def test_w4a4_mse_beats_minmax_and_keeps_the_model_useful(resnet20, cifar_calib, cifar_test_set):
     images, labels = cifar_test_set
