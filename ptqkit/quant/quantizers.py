@@ -138,13 +138,31 @@ class ActQuantizer(QDropFakeQuantize):
         return [self.scale] if self.learn_step else []
 
     def forward(self, X):
-        if self.observer_enabled.item() == 1 or self.fake_quant_enabled.item() != 1 or self.is_per_channel \
-                or torch.jit.is_tracing():
+        if self.observer_enabled.item() == 1 or self.fake_quant_enabled.item() != 1 or torch.jit.is_tracing():
             # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records; the fused kernel
             # computes the same values but is opaque to it
             return super().forward(X)
+        if self.is_per_channel:
+            return self._per_channel(X)
         return kernels.act_fake_quant(X, self.scale, self.zero_point, self.quant_min, self.quant_max, self.prob,
                                       stop_at_bounds=self.bound_grad == "stop")
+
+    def _per_channel(self, X):
+        """The per-tensor kernel's formula per channel, in torch ops: MQBench's own would take its treatment of the
+        bounds from the running torch's clamp instead of `bound_grad`."""
+        shape = [1] * X.dim()
+        shape[self.ch_axis] = X.shape[self.ch_axis]
+        s = self.scale.reshape(shape)
+        z = self.zero_point.reshape(shape).to(X.dtype)
+        u = X / s
+        q = torch.round(u).detach()
+        lo, hi = self.quant_min - z, self.quant_max - z
+        qc = torch.maximum(torch.minimum(q, hi), lo)
+        inside = (q > lo) & (q < hi) if self.bound_grad == "stop" else q == qc
+        out = torch.where(inside, (u + (q - u).detach()) * s, qc * s)
+        if self.prob < 1.0:
+            out = torch.where(torch.rand_like(X) < self.prob, out, X)
+        return out
 
 
 _mq_prepare.FakeQuantizeDict.setdefault("PTQWeightQuantizer", WeightQuantizer)

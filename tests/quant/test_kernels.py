@@ -103,6 +103,28 @@ def test_native_equals_reference_element_for_element(post_relu, keep_prob, stop_
     assert torch.equal(mask, (kernels.draws(x.numel(), key, "cpu") < thr).view(x.shape))
 
 
+@pytest.mark.parametrize("stop_at_bounds", [False, True])
+def test_per_channel_activations_follow_the_same_formula(post_relu, stop_at_bounds):
+    from ptqkit.quant.quantizers import ActQuantizer
+    from mqbench.observer import MinMaxObserver
+    x, scale = post_relu
+    channels = x.shape[1]
+    q = ActQuantizer(MinMaxObserver, quant_min=0, quant_max=15, ch_axis=1, qscheme=torch.per_channel_affine)
+    q.scale = torch.nn.Parameter(scale.repeat(channels) * torch.linspace(0.5, 1.5, channels))
+    q.zero_point = torch.zeros(channels, dtype=torch.int)
+    q.bound_grad = "stop" if stop_at_bounds else "pass"
+    q.disable_observer()
+    q.enable_fake_quant()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    xr = x.clone().requires_grad_()
+    q(xr).backward(grad)
+    for c in (0, channels // 2, channels - 1):
+        ref_out, ref_dx, ref_ds = formula(x[:, c], q.scale[c].detach(), 0.0, 0, 15, None, stop_at_bounds)
+        # d/dx of (x / s + const) · s: one rounding in float32
+        assert torch.allclose(xr.grad[:, c].double(), grad[:, c].double() * ref_dx, rtol=1e-6, atol=0)
+        assert q.scale.grad[c].item() == pytest.approx(float((grad[:, c].double() * ref_ds).sum()), rel=1e-5, abs=1e-4)
+
+
 def torch_clamp_stops_at_bounds() -> bool:
     """Whether this torch's clamp gives gradient 0 to a value exactly on its bound (pytorch issue 184574; 1 before)."""
     v = torch.zeros(1, requires_grad=True)
