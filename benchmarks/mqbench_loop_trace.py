@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--bits", default="W2A2")
     parser.add_argument("--prob", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1005)
+    parser.add_argument("--bound-grad", choices=("pass", "stop"), default="pass", help="the drop-in's quant.a.bound_grad")
     parser.add_argument("--results", default="benchmarks/results/brecq_joint_reference/loop_trace.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -89,7 +90,7 @@ def main() -> int:
         builtins.print = quiet
         mq.LossFunction.__call__, mq.subgraph_reconstruction = original_call, original_sub
     torch.manual_seed(args.seed)
-    ours = ptq_reconstruction(copy.deepcopy(model), batches, EasyDict(config, log_every=1))
+    ours = ptq_reconstruction(copy.deepcopy(model), batches, EasyDict(config, log_every=1, bound_grad=args.bound_grad))
     units = ours.ptq_results["units"]
     our_steps = {n: float(m.scale) for n, m in ours.named_modules() if n.endswith("post_act_fake_quantizer")}
 
@@ -105,7 +106,7 @@ def main() -> int:
         names = list(steps[k])
         lines.append(f"| {units[k]['name']} | MQBench | {windows(mq_rec)} | {losses[k][-1][1]:.3g} | "
                      + ", ".join(f"{n.replace('_post_act_fake_quantizer', '')} {steps[k][n]:.4f}" for n in names) + " |")
-        lines.append(f"| | drop-in | {windows(hist['rec'])} | {ours_round[-1]:.3g} | "
+        lines.append(f"| | drop-in ({args.bound_grad}) | {windows(hist['rec'])} | {ours_round[-1]:.3g} | "
                      + ", ".join(f"{n.replace('_post_act_fake_quantizer', '')} {our_steps[n]:.4f}" for n in names) + " |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# MQBench's loop and the drop-in, unit by unit: ResNet-20 {args.bits}, keep probability {args.prob:g}\n\n"
