@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import ptqkit.algorithms  # noqa: F401  (registers the methods whose defaults _flat_config reads)
 from ptqkit.algorithms.registry import get_algorithm
-from ptqkit.config import SECTIONS, Config
+from ptqkit.config import SECTIONS, Config, QuantConfig, RuntimeConfig
 from ptqkit.errors import UserError
 from ptqkit.tools import cli
 
@@ -297,6 +297,9 @@ def _flat_config(run: Run) -> dict:
                 flat[key] = f.default
             elif f.default_factory is not dataclasses.MISSING:
                 flat[key] = f.default_factory()
+    for section, schema in (("quant", QuantConfig), ("runtime", RuntimeConfig)):   # every key has a default
+        for key, value in _flatten({section: dataclasses.asdict(schema())}).items():
+            flat.setdefault(key, value)
     return flat
 
 

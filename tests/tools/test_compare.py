@@ -96,6 +96,16 @@ def test_a_key_older_runs_lack_does_not_split_them_into_columns(tmp_path):
     assert sorted(table.cells[(table.rows[0], "qdrop (act_init_images=256)")].values) == [70.0, 72.0]
 
 
+def test_a_quant_key_older_runs_lack_takes_its_default_too(tmp_path):
+    """The same for a key of another section (quant.a.bound_grad, added after most runs were made)."""
+    make_run(tmp_path, "old", algorithm="qdrop", top1=70.0)
+    make_run(tmp_path, "new", algorithm="qdrop", top1=72.0, config={"quant": {"a": {"bound_grad": "pass"}}})
+    make_run(tmp_path, "stop", algorithm="qdrop", top1=74.0, config={"quant": {"a": {"bound_grad": "stop"}}})
+    table = compare.build_table([compare.load_run(p) for p in compare.find_runs([str(tmp_path / "*")])])
+    assert sorted(table.columns) == ["qdrop (quant.a.bound_grad=pass)", "qdrop (quant.a.bound_grad=stop)"]
+    assert sorted(table.cells[(table.rows[0], "qdrop (quant.a.bound_grad=pass)")].values) == [70.0, 72.0]
+
+
 def test_mismatched_runs_are_refused_with_their_difference(tmp_path):
     a = make_run(tmp_path, "a")
     b = make_run(tmp_path, "b", images=1000, fp32=80.5, config={"data": {"evaluation": {"limit": 1000}}})
