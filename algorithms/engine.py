@@ -106,6 +106,7 @@ class Phase:
 @dataclass
 class EngineSettings:
     batch_size: int = 32
+    batch_draw: str = "random"        # random | fixed (ReconstructionConfig.batch_draw)
     cache_device: str = "auto"        # auto (= compute device) | cpu
     cache_dtype: torch.dtype = torch.float32
     log_every: int = 100
@@ -507,7 +508,7 @@ class Engine:
         quantizers = unit.act_quantizers if phase.quant_acts else []
         with phase_state(self.gm, phase), phase.drop.inside(quantizers):
             for it in bar:
-                batch = Batch(cache, torch.randint(0, n, (batch_size,)), phase, device)
+                batch = Batch(cache, self._draw(n, batch_size), phase, device)
                 with learner.applied(phase, it) as rnd:
                     out, rec, parts = self.hooks.reconstruction(unit, module, batch, it, phase)
                     extra = self.hooks.extra_loss(unit, out, batch, it, phase)
@@ -526,6 +527,12 @@ class Engine:
                         hist.setdefault(key, []).append(value)
                     bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
         return hist
+
+    def _draw(self, n: int, batch_size: int) -> torch.Tensor:
+        if self.settings.batch_draw == "fixed":
+            k = int(torch.randint(0, max(n // batch_size, 1), ()))
+            return torch.arange(k * batch_size, min((k + 1) * batch_size, n))
+        return torch.randint(0, n, (batch_size,))
 
     @staticmethod
     def _check_finite(losses: torch.Tensor, first: int, it: int, unit: Unit, phase: Phase) -> None:

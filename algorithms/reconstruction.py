@@ -31,6 +31,10 @@ DEFAULT_ROUND_WEIGHT = 0.01   # λ of the ResNet/RegNet references; other archit
 class ReconstructionConfig(AlgorithmConfig):
     iters: int = spec(20000, lo=1, doc="iterations per unit")
     batch_size: int = spec(32, lo=1, doc="images per iteration, drawn at random from the calibration images")
+    batch_draw: str = spec("random", choices=("random", "fixed"),
+                           doc="random = batch_size images drawn anew each iteration (the BRECQ / QDrop code); "
+                               "fixed = one of the consecutive batches of batch_size images, drawn each iteration "
+                               "(MQBench's loop, which learns on its calibration batches as they are)")
     weight: Optional[float] = spec(None, lo=0.0, doc="rounding regulariser λ; null = the model's "
                                                      "algorithm_defaults, else 0.01 (MobileNetV2 0.1 and MNasNet "
                                                      "0.2 in configs/_base_/models)")
@@ -209,7 +213,7 @@ class Reconstruction(Algorithm):
 
     def engine_settings(self, ctx: RunContext) -> EngineSettings:
         p = self.params
-        return EngineSettings(batch_size=p.batch_size, cache_device=p.cache_device,
+        return EngineSettings(batch_size=p.batch_size, batch_draw=p.batch_draw, cache_device=p.cache_device,
                               cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
                               show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
 

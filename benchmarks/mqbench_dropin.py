@@ -76,6 +76,9 @@ def main() -> int:
     parser.add_argument("--bound-grad", choices=("pass", "stop"), default="pass",
                         help="the drop-in's quant.a.bound_grad (stop: what MQBench's own formula computes on this "
                              "torch, docs/MQBENCH_GAP.md)")
+    parser.add_argument("--batch-draw", choices=("random", "fixed"), default="random",
+                        help="the drop-in's algorithm.batch_draw (fixed: one calibration batch per iteration, as "
+                             "MQBench's loop)")
     parser.add_argument("--skip-mqbench", action="store_true",
                         help="leave MQBench's own call out (its row is in an earlier results file)")
     parser.add_argument("--results", default="benchmarks/results/mqbench_dropin.md")
@@ -111,8 +114,10 @@ def main() -> int:
     config = EasyDict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0.01, max_count=args.iters,
                       b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=args.prob)
 
-    ours = EasyDict(config, bound_grad=args.bound_grad) if args.bound_grad != "pass" else config
-    suffix = f", bound_grad={args.bound_grad}" if args.bound_grad != "pass" else ""
+    changed = {k: v for k, v in (("bound_grad", args.bound_grad), ("batch_draw", args.batch_draw))
+               if v not in ("pass", "random")}
+    ours = EasyDict(config, **changed)
+    suffix = "".join(f", {k}={v}" for k, v in changed.items())
     calls = [] if args.skip_mqbench else [("MQBench ptq_reconstruction",
                                            lambda m: mq_ptq.ptq_reconstruction(m, batches, config))]
     calls.append((f"ptqkit.from_mqbench.ptq_reconstruction{suffix}", lambda m: ptq_reconstruction(m, batches, ours)))

@@ -166,3 +166,21 @@ def test_non_finite_loss_stops_with_the_unit_and_iteration(resnet20, cifar_calib
         engine.run(phases)
     # found at the next check (the last iteration here), named by the first bad iteration
     assert str(err.value) == "unit layer1.0 (qdrop) iteration 3: loss is nan (found at the check after iteration 9)"
+
+
+def test_fixed_batch_draw_takes_one_consecutive_calibration_batch():
+    """batch_draw fixed (MQBench's loop): every iteration's images are one of the n // batch_size consecutive
+    batches, and all of them come up; random: batch_size images drawn anew."""
+    fixed = Engine.__new__(Engine)
+    fixed.settings = EngineSettings(batch_size=32, batch_draw="fixed")
+    torch.manual_seed(0)
+    starts = set()
+    for _ in range(200):
+        idx = fixed._draw(256, 32)
+        assert idx.tolist() == list(range(int(idx[0]), int(idx[0]) + 32)) and int(idx[0]) % 32 == 0
+        starts.add(int(idx[0]))
+    assert starts == set(range(0, 256, 32))
+    random_ = Engine.__new__(Engine)
+    random_.settings = EngineSettings(batch_size=32)
+    idx = random_._draw(256, 32)
+    assert len(idx) == 32 and idx.tolist() != list(range(int(idx[0]), int(idx[0]) + 32))
