@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """MQBench's `ptq_reconstruction` and the drop-in, unit by unit, on one MQBench-prepared and calibrated ResNet-20:
-the reconstruction loss along each of the first three units' iterations (means over windows), the rounding
+the reconstruction loss along each of the first units' iterations (three unless --units) (means over windows), the rounding
 regulariser at the end, and the activation steps each ends with. A diagnostic for the gap the drop-in benchmark
 shows at W2A2 with keep probability 1 (`benchmarks/results/brecq_joint_reference/`).
 
@@ -27,7 +27,6 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-UNITS = 3
 WINDOWS = (0, 400, 1000, 1900)   # 100-iteration windows: start, end of warm-up, middle, end
 
 
@@ -42,6 +41,9 @@ def main() -> int:
     parser.add_argument("--prob", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1005)
     parser.add_argument("--bound-grad", choices=("pass", "stop"), default="pass", help="the drop-in's quant.a.bound_grad")
+    parser.add_argument("--batch-draw", choices=("random", "fixed"), default="random",
+                        help="the drop-in's algorithm.batch_draw")
+    parser.add_argument("--units", type=int, default=3, help="units traced (MQBench's run stops after them)")
     parser.add_argument("--results", default="benchmarks/results/brecq_joint_reference/loop_trace.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def main() -> int:
         steps[unit[0]] = {n: float(m.scale) for n, m in subgraph.named_modules()
                           if n.endswith("post_act_fake_quantizer")}
         unit[0] += 1
-        if unit[0] == UNITS:
+        if unit[0] == args.units:
             raise _Stop()
 
     mq.LossFunction.__call__, mq.subgraph_reconstruction = call, sub
@@ -90,7 +92,8 @@ def main() -> int:
         builtins.print = quiet
         mq.LossFunction.__call__, mq.subgraph_reconstruction = original_call, original_sub
     torch.manual_seed(args.seed)
-    ours = ptq_reconstruction(copy.deepcopy(model), batches, EasyDict(config, log_every=1, bound_grad=args.bound_grad))
+    ours = ptq_reconstruction(copy.deepcopy(model), batches, EasyDict(config, log_every=1, bound_grad=args.bound_grad,
+                                                                      batch_draw=args.batch_draw))
     units = ours.ptq_results["units"]
     our_steps = {n: float(m.scale) for n, m in ours.named_modules() if n.endswith("post_act_fake_quantizer")}
 
@@ -99,14 +102,14 @@ def main() -> int:
 
     lines = ["| unit | loop | reconstruction loss, mean over iterations " + ", ".join(f"{a}–{a + 99}" for a in WINDOWS)
              + " | rounding regulariser at the end | activation steps at the end |", "|---|---|---|---|---|"]
-    for k in range(UNITS):
+    for k in range(min(args.units, len(losses))):
         mq_rec = [r for r, _ in losses[k]]
         hist = units[k]["history"]
         ours_round = [x for x in hist["round"] if x is not None]
         names = list(steps[k])
         lines.append(f"| {units[k]['name']} | MQBench | {windows(mq_rec)} | {losses[k][-1][1]:.3g} | "
                      + ", ".join(f"{n.replace('_post_act_fake_quantizer', '')} {steps[k][n]:.4f}" for n in names) + " |")
-        lines.append(f"| | drop-in ({args.bound_grad}) | {windows(hist['rec'])} | {ours_round[-1]:.3g} | "
+        lines.append(f"| | drop-in ({args.bound_grad}, {args.batch_draw}) | {windows(hist['rec'])} | {ours_round[-1]:.3g} | "
                      + ", ".join(f"{n.replace('_post_act_fake_quantizer', '')} {our_steps[n]:.4f}" for n in names) + " |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# MQBench's loop and the drop-in, unit by unit: ResNet-20 {args.bits}, keep probability {args.prob:g}\n\n"
