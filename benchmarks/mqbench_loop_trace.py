@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """MQBench's `ptq_reconstruction` and the drop-in, unit by unit, on one MQBench-prepared and calibrated ResNet-20:
-the reconstruction loss along each of the first units' iterations (three unless --units) (means over windows), the rounding
-regulariser at the end, and the activation steps each ends with. A diagnostic for the gap the drop-in benchmark
-shows at W2A2 with keep probability 1 (`benchmarks/results/brecq_joint_reference/`).
+for each traced unit, the reconstruction loss along its iterations (means over windows), the rounding regulariser
+at the end, and the activation steps it ends with. A diagnostic for the gap the drop-in benchmark shows at W2A2
+with keep probability 1 (`benchmarks/results/brecq_joint_reference/`, `docs/MQBENCH_GAP.md`).
 
     python benchmarks/mqbench_loop_trace.py                      # 256 calibration images, 2,000 iterations
+    python benchmarks/mqbench_loop_trace.py --units 11 --bound-grad stop --batch-draw fixed   # every unit
 
-MQBench's run is stopped after its third unit (its `subgraph_reconstruction` is wrapped to record and stop); the
-drop-in runs the whole network and keeps every iteration's loss (`log_every: 1`). Both start from the same
-calibrated model and seed; their batches are drawn by their own random streams.
+MQBench's run is stopped after `--units` units (three by default; its `subgraph_reconstruction` is wrapped to record
+and stop); the drop-in runs the whole network and keeps every iteration's loss (`log_every: 1`). Both start from the
+same calibrated model and seed; their batches are drawn by their own random streams.
 """
 from __future__ import annotations
 
