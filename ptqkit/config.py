@@ -29,6 +29,7 @@ log = logging.getLogger("ptq")
 OBSERVERS = ("minmax", "mse", "ema_minmax", "ema_mse", "hist_mse")  # hist_mse: fast MSE search, ptqkit.quant.observers
 PRESETS = ("imagenet", "cifar10", "imagenet_pm1")
 BACKENDS = ("academic",)
+BOUND_GRADS = ("pass", "stop")   # quant.a.bound_grad, docs/MQBENCH_GAP.md
 
 
 @dataclass
@@ -112,7 +113,7 @@ class TensorQuant:
 class ActivationQuant(TensorQuant):
     bits: Optional[int] = spec(4, lo=2, hi=8, doc="null = no activation quantizer anywhere (weight-only "
                                                   "quantization, the W*A32 rows of the AdaRound and BRECQ tables)")
-    bound_grad: str = spec("pass", choices=("pass", "stop"),
+    bound_grad: str = spec("pass", choices=BOUND_GRADS,
                            doc="gradient, while steps learn, of an element rounded onto the lowest or highest level: "
                                "pass = as inside the grid (LSQ; the BRECQ/QDrop code on the torch it was written "
                                "for); stop = as clipped (what MQBench's formula gets from the clamp of the torch "

@@ -21,7 +21,7 @@ from mqbench.utils.state import enable_calibration_woquantization
 
 from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.registry import get_algorithm
-from ptqkit.config import validate
+from ptqkit.config import BOUND_GRADS, validate
 from ptqkit.errors import ConfigError
 from ptqkit.mqbench_config import algorithm_section, translate  # noqa: F401  (translate: one import for users)
 from ptqkit.quant import prepare as pq
@@ -111,8 +111,8 @@ def ptq_reconstruction(model: fx.GraphModule, cali_data: list, config, graph_mod
                         if isinstance(m, QuantizeBase) and not n.endswith("weight_fake_quant"))
     config = dict(config)
     bound_grad = config.pop("bound_grad", "pass")
-    if bound_grad not in ("pass", "stop"):
-        raise ConfigError("config.bound_grad", "pass or stop (quant.a.bound_grad)", bound_grad)
+    if bound_grad not in BOUND_GRADS:
+        raise ConfigError("config.bound_grad", " or ".join(BOUND_GRADS) + " (quant.a.bound_grad)", bound_grad)
     algorithm = algorithm_section(config, learnable, path="config")
     algorithm.setdefault("batch_size", len(batches[0]))
     tree = {"model": {"name": "resnet18"},      # not built: the prepared model is given
