@@ -12,7 +12,9 @@ calibration inputs,
 with h the rectified sigmoid, β falling linearly from `beta_start` to `beta_end` after warm-up, and the unit input
 x_mix = where(u < input_prob, x_q, x_fp) element-wise; inside the unit each activation quantizer keeps
 quantization per element with probability `keep_prob` (the phase's `DropRule`: QDrop's, or none). V learns with
-Adam (`w_lr`), s with Adam (`a_lr`) under a cosine decay to 0. At the end of a unit the rounding is made hard and written into the weights.
+Adam (`w_lr`), s with Adam (`a_lr`) under a cosine decay to 0 (not the steps of the network input's own
+quantizers, which keep their calibration as in MQBench: a unit learns what it produces, and the first unit does
+not produce its images). At the end of a unit the rounding is made hard and written into the weights.
 
 A method may replace the first term (`Hooks.reconstruction`, e.g. PTMQ's loss over several bit-widths) and add
 the others (`Hooks.extra_loss`); the rounding regulariser and the schedules stay the engine's.
@@ -38,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -220,11 +223,20 @@ class CompositeHooks(Hooks):
         return out
 
 
+def regularised(it: int, phase: Phase) -> bool:
+    """Whether iteration `it` (from 0) carries the rounding regulariser. The reference code (AdaRound's
+    LossFunction in BRECQ, QDrop and MQBench) counts iterations from 1 and starts it at count warmup · iters, so
+    at iteration warmup · iters − 1 here; one iteration matters to the drop-in matching MQBench's loop exactly."""
+    return it + 1 >= phase.warmup * phase.iters
+
+
 def beta_at(it: int, phase: Phase) -> float:
-    start = phase.warmup * phase.iters
-    if it < start:
+    """β at iteration `it` (from 0): the reference's LinearTempDecay at count it + 1, so the last iteration has
+    beta_end."""
+    t, start = it + 1, phase.warmup * phase.iters
+    if t < start:
         return phase.beta_start
-    rel = (it - start) / max(phase.iters - start, 1)
+    rel = (t - start) / max(phase.iters - start, 1)
     return phase.beta_end + (phase.beta_start - phase.beta_end) * max(0.0, 1.0 - rel)
 
 
@@ -332,7 +344,10 @@ class Learner:
             rounding = None
         a_params = []
         if phase.learn_act_scale and phase.quant_acts:
+            frozen = unit.input_quantizers
             for q in unit.act_quantizers:
+                if any(q is f for f in frozen):
+                    continue
                 for step in q.step_parameters():
                     step.requires_grad_(True)
                     a_params.append(step)
@@ -351,7 +366,7 @@ class Learner:
         if self.rounding is None:
             yield None
             return
-        beta = beta_at(it, phase) if it >= phase.warmup * phase.iters else None
+        beta = beta_at(it, phase) if regularised(it, phase) else None
         with self.rounding.installed(beta) as penalty:
             yield None if penalty is None else phase.round_weight * penalty
 
@@ -530,7 +545,9 @@ class Engine:
 
     def _draw(self, n: int, batch_size: int) -> torch.Tensor:
         if self.settings.batch_draw == "fixed":
-            k = int(torch.randint(0, max(n // batch_size, 1), ()))
+            # numpy's global generator, as MQBench's loop (np.random.randint): on one numpy seed, both see the
+            # same batches in the same order
+            k = int(np.random.randint(0, max(n // batch_size, 1)))
             return torch.arange(k * batch_size, min((k + 1) * batch_size, n))
         return torch.randint(0, n, (batch_size,))
 

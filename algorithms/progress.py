@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,10 +31,23 @@ def progress_path(run_dir: str) -> str:
 def save_progress(path: str, qmodel: nn.Module, phase: int, unit: int, phase_names: list[str],
                   unit_names: list[str], history: list[dict]) -> None:
     blob = {"format": FORMAT, "phase": phase, "unit": unit, "phase_names": phase_names, "unit_names": unit_names,
-            "history": history, "state_dict": qmodel.state_dict(), "rng": torch.get_rng_state()}
+            "history": history, "state_dict": qmodel.state_dict(), "rng": torch.get_rng_state(),
+            "np_rng": _numpy_state()}
     if torch.cuda.is_available():
         blob["cuda_rng"] = torch.cuda.get_rng_state_all()
     save_atomic(blob, path)
+
+
+def _numpy_state() -> dict:
+    # As tensors and numbers: the file is read weights-only, which refuses numpy arrays.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _set_numpy_state(state: dict) -> None:
+    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["gauss"]))
 
 
 def read_progress(path: str) -> dict:
@@ -58,6 +72,8 @@ def restore_progress(blob: dict, qmodel: nn.Module, phase_names: list[str], unit
         raise CheckpointError(f"resume state '{path}': does not match the model its config builds ({detail})") \
             from None
     torch.set_rng_state(blob["rng"])
+    if "np_rng" in blob:   # algorithm.batch_draw fixed draws from numpy's generator
+        _set_numpy_state(blob["np_rng"])
     if "cuda_rng" in blob and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return blob["phase"], blob["unit"]

@@ -34,7 +34,8 @@ class ReconstructionConfig(AlgorithmConfig):
     batch_draw: str = spec("random", choices=("random", "fixed"),
                            doc="random = batch_size images drawn anew each iteration (the BRECQ / QDrop code); "
                                "fixed = one of the consecutive batches of batch_size images, drawn each iteration "
-                               "(MQBench's loop, which learns on its calibration batches as they are)")
+                               "by numpy's global generator (MQBench's loop, which learns on its calibration "
+                               "batches as they are: on one numpy seed both draw the same batches)")
     weight: Optional[float] = spec(None, lo=0.0, doc="rounding regulariser λ; null = the model's "
                                                      "algorithm_defaults, else 0.01 (MobileNetV2 0.1 and MNasNet "
                                                      "0.2 in configs/_base_/models)")

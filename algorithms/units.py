@@ -65,6 +65,13 @@ class Unit:
     def act_quantizers(self) -> list[ActQuantizer]:
         return [m for m in self.modules.values() if isinstance(m, ActQuantizer)]
 
+    @property
+    def input_quantizers(self) -> list[ActQuantizer]:
+        """Quantizers of the network input itself (in the first unit): the engine leaves their steps as calibrated."""
+        return [self.modules[n.target] for n in self.nodes if n.op == "call_module"
+                and isinstance(self.modules[n.target], ActQuantizer)
+                and any(a.op == "placeholder" for a in n.all_input_nodes)]
+
     def num_params(self) -> int:
         return sum(m.weight.numel() for m in self.modules.values() if hasattr(m, "weight_fake_quant"))
 

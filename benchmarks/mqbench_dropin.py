@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +130,7 @@ def main() -> int:
     for name, call in calls:
         copy_ = copy.deepcopy(model)
         torch.manual_seed(args.seed)
+        np.random.seed(args.seed)   # MQBench draws its batches from numpy's stream; batch_draw fixed does too
         quiet, builtins.print = builtins.print, (lambda *a, **k: None)   # MQBench prints every 500 iterations
         start = time.perf_counter()
         try:
@@ -145,7 +147,8 @@ def main() -> int:
              f"Made by `{command}` on {time.strftime('%Y-%m-%d')}: {torch.get_num_threads()} threads, one process, "
              f"load average {load_before[0]:.2f} before and {load_after[0]:.2f} after. {args.images} calibration "
              f"images (batch 32), {args.iters} iterations per block, keep probability {args.prob:g} "
-             f"({'QDrop' if args.prob < 1 else 'always-on activations, MQBench BRECQ'}), seed {args.seed}; "
+             f"({'QDrop' if args.prob < 1 else 'always-on activations, MQBench BRECQ'}), seed {args.seed} (torch "
+             "and numpy, before each call); "
              f"MQBench's calibration (EMA-MSE / MSE observers) took {calibration_s:.0f} s and is shared. Time is the "
              "reconstruction call end to end (caching, learning, hardening). All 10,000 test images.", "",
              "| reconstruction | top-1 % | FP32 top-1 % (same images) | seconds |", "|---|---|---|---|"]

@@ -9,7 +9,7 @@ with keep probability 1 (`benchmarks/results/brecq_joint_reference/`, `docs/MQBE
 
 MQBench's run is stopped after `--units` units (three by default; its `subgraph_reconstruction` is wrapped to record
 and stop); the drop-in runs the whole network and keeps every iteration's loss (`log_every: 1`). Both start from the
-same calibrated model and seed; their batches are drawn by their own random streams.
+same calibrated model and seed (torch and numpy); with `--batch-draw fixed` both draw the same batches.
 """
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ def main() -> int:
         builtins.print = quiet
         mq.LossFunction.__call__, mq.subgraph_reconstruction = original_call, original_sub
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
     ours = ptq_reconstruction(copy.deepcopy(model), batches, EasyDict(config, log_every=1, bound_grad=args.bound_grad,
                                                                       batch_draw=args.batch_draw))
     units = ours.ptq_results["units"]

@@ -4,6 +4,7 @@ import os
 import re
 from contextlib import redirect_stdout
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,15 +77,31 @@ def test_hard_rounding_written_back_reproduces_the_fake_quant_output(resnet20, c
 
 def test_beta_and_regulariser_follow_the_schedule(resnet20, cifar_calib):
     phase = Phase("p", iters=100, warmup=0.2, beta_start=20.0, beta_end=2.0)
-    assert [beta_at(i, phase) for i in (0, 19, 20)] == [20.0, 20.0, 20.0]
-    assert beta_at(60, phase) == pytest.approx(11.0) and beta_at(100, phase) == pytest.approx(2.0)
+    # the reference's count is the iteration + 1: decay from count 20, half-way at count 60, beta_end at the last
+    assert [beta_at(i, phase) for i in (0, 18, 19)] == [20.0, 20.0, 20.0]
+    assert beta_at(59, phase) == pytest.approx(11.0) and beta_at(99, phase) == pytest.approx(2.0)
     torch.manual_seed(0)
     _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=50, log_every=1, act_init_images=0)
     engine = Engine(qmodel, units[1:2], cifar_calib, CPU, EngineSettings(show_progress=False, log_every=1))
     hist = engine.run(phases)[0]["history"]
     rounds = dict(zip(hist["iter"], hist["round"]))
-    assert all(rounds[i] == 0.0 for i in range(10))          # warm-up: 20 % of 50 iterations
-    assert all(rounds[i] > 0.0 for i in range(10, 50))
+    assert all(rounds[i] == 0.0 for i in range(9))           # warm-up: counts 1..9 of 50 (20 % is count 10)
+    assert all(rounds[i] > 0.0 for i in range(9, 50))
+
+
+def test_the_first_unit_keeps_the_network_inputs_step_as_calibrated(resnet20, cifar_calib):
+    """A unit learns the steps of what it produces; the images' own quantizer keeps its calibration (MQBench's
+    loop never learns it either), while the first unit's ReLU step learns."""
+    torch.manual_seed(0)
+    _, qmodel, units, phases = _setup(resnet20, cifar_calib, iters=30, act_init_images=0)
+    first = units[0]
+    (images_q,) = first.input_quantizers
+    others = [q for q in first.act_quantizers if q is not images_q]
+    assert len(others) == 1 and not units[1].input_quantizers
+    before, others_before = float(images_q.scale), [float(q.scale) for q in others]
+    Engine(qmodel, [first], cifar_calib, CPU, EngineSettings(show_progress=False)).run(phases)
+    assert float(images_q.scale) == before
+    assert [float(q.scale) for q in others] != others_before
 
 
 def _dry_run(config, *sets):
@@ -173,13 +190,15 @@ def test_fixed_batch_draw_takes_one_consecutive_calibration_batch():
     batches, and all of them come up; random: batch_size images drawn anew."""
     fixed = Engine.__new__(Engine)
     fixed.settings = EngineSettings(batch_size=32, batch_draw="fixed")
-    torch.manual_seed(0)
-    starts = set()
+    np.random.seed(0)
+    starts = []
     for _ in range(200):
         idx = fixed._draw(256, 32)
         assert idx.tolist() == list(range(int(idx[0]), int(idx[0]) + 32)) and int(idx[0]) % 32 == 0
-        starts.add(int(idx[0]))
-    assert starts == set(range(0, 256, 32))
+        starts.append(int(idx[0]))
+    assert set(starts) == set(range(0, 256, 32))
+    np.random.seed(0)   # MQBench's draw, np.random.randint over the batches, on the same seed: the same sequence
+    assert starts == [32 * int(np.random.randint(0, 8)) for _ in range(200)]
     random_ = Engine.__new__(Engine)
     random_.settings = EngineSettings(batch_size=32)
     idx = random_._draw(256, 32)

@@ -115,3 +115,18 @@ def test_resume_refuses_a_missing_finished_or_foreign_folder(tmp_path, capsys):
     (folder / "results.json").write_text("{}")
     assert _main(capsys, "--resume", str(folder)) == \
         (2, f"error: run folder '{folder}': already finished (results.json is there)")
+
+
+def test_progress_carries_numpys_random_state_for_the_fixed_batch_draw(tmp_path):
+    """batch_draw fixed draws from numpy's generator (as MQBench does), so a resumed run needs numpy's state too."""
+    import numpy as np
+    import torch.nn as nn
+    from ptqkit.algorithms.progress import read_progress, restore_progress, save_progress
+    model, path = nn.Linear(2, 2), str(tmp_path / "progress.pt")
+    np.random.seed(3)
+    np.random.rand()
+    save_progress(path, model, 0, 0, ["p"], ["u"], [])
+    expected = np.random.randint(0, 32, 20)
+    np.random.rand(7)
+    restore_progress(read_progress(path), model, ["p"], ["u"])
+    assert np.array_equal(np.random.randint(0, 32, 20), expected)
