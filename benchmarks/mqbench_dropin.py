@@ -74,12 +74,12 @@ def main() -> int:
                         help="a third row: the drop-in re-observing each unit's activation ranges on this many of "
                              "its cached inputs before learning (this toolkit's default, 256), where MQBench keeps "
                              "the calibrated steps")
-    parser.add_argument("--bound-grad", choices=("pass", "stop"), default="pass",
-                        help="the drop-in's quant.a.bound_grad (stop: what MQBench's own formula computes on this "
-                             "torch, docs/MQBENCH_GAP.md)")
-    parser.add_argument("--batch-draw", choices=("random", "fixed"), default="random",
-                        help="the drop-in's algorithm.batch_draw (fixed: one calibration batch per iteration, as "
-                             "MQBench's loop)")
+    parser.add_argument("--bound-grad", choices=("pass", "stop"), default=None,
+                        help="the drop-in's quant.a.bound_grad (default: what MQBench's own formula computes under "
+                             "this torch, stop on 2.14; pass: the papers' gradient; docs/MQBENCH_GAP.md)")
+    parser.add_argument("--batch-draw", choices=("random", "fixed"), default=None,
+                        help="the drop-in's algorithm.batch_draw (default fixed: one calibration batch per "
+                             "iteration, as MQBench's loop; random: the BRECQ / QDrop code's)")
     parser.add_argument("--skip-mqbench", action="store_true",
                         help="leave MQBench's own call out (its row is in an earlier results file)")
     parser.add_argument("--results", default="benchmarks/results/mqbench_dropin.md")
@@ -115,8 +115,7 @@ def main() -> int:
     config = EasyDict(pattern="block", scale_lr=4.0e-5, warm_up=0.2, weight=0.01, max_count=args.iters,
                       b_range=[20, 2], keep_gpu=False, round_mode="learned_hard_sigmoid", prob=args.prob)
 
-    changed = {k: v for k, v in (("bound_grad", args.bound_grad), ("batch_draw", args.batch_draw))
-               if v not in ("pass", "random")}
+    changed = {k: v for k, v in (("bound_grad", args.bound_grad), ("batch_draw", args.batch_draw)) if v is not None}
     ours = EasyDict(config, **changed)
     suffix = "".join(f", {k}={v}" for k, v in changed.items())
     calls = [] if args.skip_mqbench else [("MQBench ptq_reconstruction",

@@ -3,8 +3,11 @@
 MQBench's signature and return value, on a model `mqbench.prepare_by_platform` prepared and that was calibrated the
 MQBench way. `config` is MQBench's reconstruction config (an EasyDict or a dict), read as `ptqkit.mqbench_config`
 reads `quantize.reconstruction`; `algorithm: <name>` and that method's own keys pick any method registered here
-(PD-Quant, MRECG, ...); `bound_grad: pass | stop` is `quant.a.bound_grad` (default pass; MQBench's own loop on this
-torch computes stop, docs/MQBENCH_GAP.md). MQBench's fake quantizers are replaced by this toolkit's with the same calibrated state.
+(PD-Quant, MRECG, ...). By default the call computes what MQBench's own loop computes here, iteration for
+iteration on one numpy seed (tests/test_mqbench.py): `bound_grad` (`quant.a.bound_grad`) is what MQBench's fake
+quantizer does under the running torch (`stop` on torch 2.14, docs/MQBENCH_GAP.md) and `batch_draw` is `fixed`;
+`bound_grad: pass` and `batch_draw: random` give the papers' gradient and the BRECQ / QDrop code's batches.
+MQBench's fake quantizers are replaced by this toolkit's with the same calibrated state.
 """
 from __future__ import annotations
 
@@ -72,6 +75,15 @@ def calibrate_as_mqbench(model: fx.GraphModule, cali_data: list) -> None:
     model(batches[0].to(device))
 
 
+def mqbench_bound_grad() -> str:
+    """The gradient MQBench's activation fake quantizer gives, under the running torch, to a value rounded onto
+    the grid's lowest or highest level: its `torch.clamp` passes 1 there up to torch 2.13 and 0 from 2.14
+    (docs/MQBENCH_GAP.md), so `pass` or `stop`."""
+    v = torch.zeros(1, requires_grad=True)
+    torch.clamp(v, 0.0, 1.0).sum().backward()
+    return "pass" if float(v.grad) == 1.0 else "stop"
+
+
 def _bits(quantizers) -> int | None:
     counts = collections.Counter(q.bitwidth for q in quantizers)
     return counts.most_common(1)[0][0] if counts else None
@@ -110,11 +122,12 @@ def ptq_reconstruction(model: fx.GraphModule, cali_data: list, config, graph_mod
     learnable = not any(type(m).__name__ == "FixedFakeQuantize" for n, m in model.named_modules()
                         if isinstance(m, QuantizeBase) and not n.endswith("weight_fake_quant"))
     config = dict(config)
-    bound_grad = config.pop("bound_grad", "pass")
+    bound_grad = config.pop("bound_grad", None) or mqbench_bound_grad()
     if bound_grad not in BOUND_GRADS:
         raise ConfigError("config.bound_grad", " or ".join(BOUND_GRADS) + " (quant.a.bound_grad)", bound_grad)
     algorithm = algorithm_section(config, learnable, path="config")
     algorithm.setdefault("batch_size", len(batches[0]))
+    algorithm.setdefault("batch_draw", "fixed")     # MQBench's loop: one of its batches per iteration, numpy's draw
     tree = {"model": {"name": "resnet18"},      # not built: the prepared model is given
             "data": {"root": os.getcwd(), "calibration": {"split": None, "batch_size": len(batches[0]),
                                                           "num_images": sum(len(b) for b in batches)},
