@@ -98,7 +98,7 @@ def test_the_first_unit_keeps_the_network_inputs_step_as_calibrated(resnet20, ci
     (images_q,) = first.input_quantizers
     others = [q for q in first.act_quantizers if q is not images_q]
     assert len(others) == 1 and not units[1].input_quantizers
-    before, others_before = float(images_q.scale), [float(q.scale) for q in others]
+    before, others_before = float(images_q.scale.detach()), [float(q.scale.detach()) for q in others]
     Engine(qmodel, [first], cifar_calib, CPU, EngineSettings(show_progress=False)).run(phases)
     assert float(images_q.scale) == before
     assert [float(q.scale) for q in others] != others_before
