@@ -232,9 +232,9 @@ def test_the_drop_in_refuses_what_it_cannot_do_in_one_line(resnet20, cifar_calib
 @pytest.mark.slow
 def test_the_drop_in_computes_mqbench_loop_iteration_for_iteration(resnet20, cifar_calib, monkeypatch):
     """W2A2, keep probability 1 (MQBench's BRECQ), the drop-in's defaults (`bound_grad` as MQBench's quantizer
-    under this torch, `batch_draw: fixed`) and one numpy seed before each call: every unit's loss at every iteration (50 per unit), the rounding
-    regulariser's start and schedule included, and the steps each unit learns, are MQBench's up to float
-    rounding. Guards the three differences found by docs/MQBENCH_GAP.md (the gradient at the grid's ends, the
+    under this torch, `batch_draw: fixed`) and one numpy seed before each call: every unit's loss at every
+    iteration (50 per unit), the rounding regulariser's start and schedule included, and the steps each unit
+    learns, are MQBench's up to float rounding. Guards the three differences found by docs/MQBENCH_GAP.md (the gradient at the grid's ends, the
     regulariser's count from 1, the network input's step kept as calibrated)."""
     import builtins
     import numpy as np
