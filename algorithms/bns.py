@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ptqkit import assets
 from ptqkit.errors import UserError
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -116,7 +117,7 @@ def check_centers(centers: dict, model: nn.Module, source: str) -> None:
 
 def load_centers(path: str) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(assets.resolve(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"BNS centers '{path}': cannot be read ({reason})") from None

@@ -484,6 +484,10 @@ class Engine:
         network_cache, cache = cache, self.hooks.unit_start(unit, module, cache, phase)
         if phase.quant_acts and phase.act_init_images > 0:
             init_act_steps(module, unit, cache, phase.act_init_images, self.settings.eval_batch, self.device)
+        # The unit's error before it learns (nearest rounding, the steps it starts from), on the same images and
+        # without drop, so that before and after compare: the loop's own first and last losses are on different
+        # random batches, with soft rounding, and cannot say what reconstruction gained.
+        before = self.unit_error(module, network_cache, phase)
         learner = Learner.start(unit, phase)
         loop_start = time.perf_counter()
         hist = self._loop(unit, module, cache, phase, learner)
@@ -495,11 +499,12 @@ class Engine:
         own = None if cache is network_cache else self.unit_error(module, cache, phase)
         self.hooks.unit_end(unit)
         seconds = time.perf_counter() - start_time
-        log.info("%s %-24s rec %.5g -> final %.5g (%d it, %.1f s, %.2f ms/it in the loop)", phase.name, unit.name,
-                 hist["rec"][0] if hist["rec"] else float("nan"), final, phase.iters, seconds,
+        log.info("%s %-24s error %.5g -> %.5g on its %d calibration inputs (%d it, %.1f s, %.2f ms/it in the loop)",
+                 phase.name, unit.name, before, final, len(network_cache.q_in), phase.iters, seconds,
                  1000 * loop_seconds / max(phase.iters, 1))
         # loop_seconds: the iterations alone, without the method's set-up (DC), range init and the final error
-        record = {"name": unit.name, "iterations": phase.iters, "final_rec_loss": final, "seconds": round(seconds, 3),
+        record = {"name": unit.name, "iterations": phase.iters, "initial_rec_loss": before, "final_rec_loss": final,
+                  "seconds": round(seconds, 3),
                   "loop_seconds": round(loop_seconds, 3), "history": hist}
         if own is not None:
             record["final_rec_loss_method_target"] = own

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from ptqkit import assets
 from ptqkit.errors import ConfigError, DataError
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -92,6 +93,7 @@ def read_file(path: str) -> bytes:
 
 
 def image_folder(root: str, split: str | None, preset: str) -> datasets.ImageFolder:
+    root = assets.resolve(root)
     folder = root if split is None else os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"data folder '{folder}': not found")

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ptqkit import assets
 from ptqkit.errors import CheckpointError
 from ptqkit.models.names import Naming, namings_for
 
@@ -17,7 +18,7 @@ _SHOW = 3
 
 def read_state_dict(path: str) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(assets.resolve(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{path}': file not found") from None
     except Exception as exc:  # corrupt file, pickle with code objects, ...

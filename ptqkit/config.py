@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ptqkit import algorithms, mqbench_config  # noqa: F401  (algorithms: registers every shipped method)
+from ptqkit import algorithms, assets, mqbench_config  # noqa: F401  (algorithms: registers every shipped method)
 from ptqkit.algorithms.registry import get_algorithm, registered_algorithms
 from ptqkit.errors import ConfigError, UserError
 from ptqkit.models import available_models
@@ -86,7 +86,7 @@ class DataConfig:
     def check(self, path):
         for section in ("calibration", "evaluation"):
             split = getattr(self, section).split
-            if split is not None and not os.path.isdir(os.path.join(self.root, split)):
+            if split is not None and not os.path.isdir(os.path.join(assets.resolve(self.root), split)):
                 raise ConfigError(f"{path}.{section}.split", f"a subfolder of {self.root}", split)
         if self.shared_folder and not 0.0 < self.calibration_fraction < 1.0:
             raise ConfigError(f"{path}.calibration_fraction",

@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import resource
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -40,7 +41,24 @@ def versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
+    out["ptqkit_commit"] = source_commit()
     return out
+
+
+def source_commit() -> str | None:
+    """The commit of the checkout this code runs from, with "+changes" when tracked files differ from it; None
+    outside a git checkout (an installed wheel). Results tables name the engine that made each figure with it."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def select_device(name: str) -> torch.device:

@@ -17,6 +17,7 @@ import os
 import typing
 from typing import Any, Union
 
+from ptqkit import assets
 from ptqkit.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
@@ -114,10 +115,11 @@ def check_field(value, meta, path: str):
             raise ConfigError(path, f"a value >= {lo}", v)
         if hi is not None and lo is None and v > hi:
             raise ConfigError(path, f"a value <= {hi}", v)
-    if exists == "file" and not os.path.isfile(value):
-        raise ConfigError(path, "an existing file", value)
-    if exists == "dir" and not os.path.isdir(value):
-        raise ConfigError(path, "an existing folder", value)
+    found = {"file": os.path.isfile, "dir": os.path.isdir}.get(exists)
+    if found is not None and not found(assets.resolve(value)):
+        if assets.is_asset(value):
+            raise assets.missing_error(value, path, "file" if exists == "file" else "folder")
+        raise ConfigError(path, "an existing file" if exists == "file" else "an existing folder", value)
 
 
 def build(cls, mapping: dict, path: str = ""):

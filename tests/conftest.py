@@ -1,5 +1,9 @@
-"""Fixtures on the real shared assets (../shared/assets): pretrained checkpoints and real images, never random
-weights. Decoded image tensors are cached per session so that several tests can evaluate on them cheaply."""
+"""Fixtures on real assets: pretrained checkpoints and real images, never random weights. They are read from the
+assets root (`ptqkit.assets`: $PTQKIT_ASSETS, else the fetcher's per-user cache). A test module that needs them
+says which with a marker (`pytestmark = pytest.mark.cifar10`, `imagenet_sample`); where they are missing its
+tests are skipped with one reason naming the fetch command, and the rest of the suite runs.
+
+Decoded image tensors are cached per test session so that several tests can evaluate on them cheaply."""
 from __future__ import annotations
 
 import os
@@ -10,14 +14,41 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.normpath(os.path.join(REPO, "..", "shared", "assets"))
+sys.path.insert(0, REPO)
+from ptqkit import assets  # noqa: E402  (after the checkout is on the path)
+
+ASSETS = assets.root()
 CIFAR = os.path.join(ASSETS, "cifar10")
 IMAGENET = os.path.join(ASSETS, "imagenet")
-sys.path.insert(0, REPO)
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# A cache of this session's own (kernels, FP32 results), inherited by the runs it starts: no test sees a figure an
-# earlier session left behind.
+# A cache of this test session's own (kernels, FP32 results), inherited by the runs it starts: no test sees a
+# figure an earlier test session left behind.
 os.environ["PTQKIT_CACHE"] = tempfile.mkdtemp(prefix="ptqkit-test-cache-")
+
+# marker -> (what must be there, under the assets root; how to get it)
+NEEDED = {
+    "cifar10": (["cifar10/resnet20-12fca82f.th", "cifar10/resnet56-4bfd9763.th", "cifar10/train", "cifar10/test"],
+                f"{assets.FETCH_COMMAND} cifar10"),
+    "imagenet_sample": (["imagenet/mobilenet_v2_coral.pth", "imagenet/sample"], "docs/ASSETS.md, 'ImageNet sample'"),
+}
+
+
+def missing_assets(marker: str) -> list[str]:
+    return [p for p in NEEDED[marker][0] if not os.path.exists(os.path.join(ASSETS, p))]
+
+
+def pytest_configure(config):
+    for name in NEEDED:
+        config.addinivalue_line("markers", f"{name}: needs the {name} assets under the assets root")
+
+
+def pytest_runtest_setup(item):
+    # Raised here, before the test's fixtures load anything, and from one place, so that the summary folds every
+    # such skip into one line.
+    for name, (_, how) in NEEDED.items():
+        if item.get_closest_marker(name) is not None and missing_assets(name):
+            pytest.skip(f"{name} assets not under the assets root {ASSETS} (first missing: "
+                        f"{missing_assets(name)[0]}); get them with {how}, or set PTQKIT_ASSETS")
 
 
 def cifar_checkpoint(depth: int) -> str:

@@ -10,6 +10,8 @@ from conftest import ASSETS, CIFAR, REPO, base_tree, cifar_checkpoint
 from ptqkit.config import apply_overrides, deep_merge, load_config, load_yaml_tree, validate
 from ptqkit.errors import ConfigError, UserError
 
+pytestmark = pytest.mark.cifar10
+
 
 def test_base_inheritance_and_set_overrides():
     cfg = load_config(os.path.join(REPO, "configs/cifar10/resnet20_w4a4_qdrop.yaml"),
@@ -22,6 +24,7 @@ def test_base_inheritance_and_set_overrides():
     assert cfg.data.evaluation.limit == 100
 
 
+@pytest.mark.imagenet_sample
 @pytest.mark.parametrize("model,weight", [("mobilenet_v2", 0.1), ("mnasnet2_0", 0.2), ("resnet18", 0.01)])
 def test_per_architecture_rounding_weight_comes_from_the_model_config(model, weight):
     path = os.path.join(REPO, f"configs/imagenet/qdrop/{model}_w2a4.yaml")

@@ -10,6 +10,8 @@ import torch
 from conftest import ASSETS, REPO
 from ptqkit.config import load_config, load_tree
 
+pytestmark = [pytest.mark.cifar10, pytest.mark.imagenet_sample]
+
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
                  if "_base_" not in p)
 

@@ -17,6 +17,8 @@ import yaml
 
 from conftest import REPO, base_tree, small_run_config
 
+pytestmark = pytest.mark.cifar10
+
 TOP1_TOLERANCE = 2.5
 UNIT_LOSS_TOLERANCE = 0.25
 

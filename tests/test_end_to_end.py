@@ -10,6 +10,9 @@ import yaml
 from conftest import REPO, small_run_config
 from ptqkit import pipeline
 from ptqkit.config import validate
+import pytest
+
+pytestmark = pytest.mark.cifar10
 
 SETTINGS = ["quant.w.bits=2", "runtime.threads=2", "data.evaluation.limit=500"]
 

@@ -18,6 +18,8 @@ from ptqkit.config import load_tree, validate
 from ptqkit.errors import ConfigError
 from ptqkit.mqbench_config import correspondence_table, translate
 
+pytestmark = pytest.mark.cifar10
+
 MQ_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "mqbench", "*", "*.yaml")))
 CIFAR = os.path.join(REPO, "configs", "mqbench", "cifar10", "resnet20_qdrop_2_4.yaml")
 

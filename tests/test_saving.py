@@ -13,6 +13,8 @@ from conftest import REPO, base_tree, top1
 from ptqkit.errors import CheckpointError
 from ptqkit.saving import load_quantized, save_quantized
 
+pytestmark = pytest.mark.cifar10
+
 RELOAD_SCRIPT = """
 import sys
 import torch

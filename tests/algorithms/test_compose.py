@@ -11,6 +11,8 @@ from ptqkit.algorithms.registry import get_algorithm, register_term
 from ptqkit.config import validate
 from ptqkit.errors import ConfigError
 
+pytestmark = pytest.mark.cifar10
+
 CPU = torch.device("cpu")
 SHORT = {"iters": 3, "log_every": 1, "act_init_images": 16}
 PD_SHORT = {"dc_steps": 3, "dc_batch": 16}

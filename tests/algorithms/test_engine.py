@@ -16,6 +16,8 @@ from ptqkit.algorithms.registry import get_algorithm
 from conftest import REPO, base_tree
 from ptqkit.config import validate
 
+pytestmark = pytest.mark.cifar10
+
 CPU = torch.device("cpu")
 
 
@@ -122,6 +124,7 @@ def test_dry_run_lists_resnet20_units():
     assert rows == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear"]
 
 
+@pytest.mark.imagenet_sample
 def test_dry_run_lists_mobilenet_v2_units():
     text = _dry_run("configs/imagenet/mobilenet_v2_sample_w4a4_qdrop.yaml", "data.calibration.num_images=8")
     assert "20 reconstruction units (block):" in text

@@ -9,6 +9,8 @@ from ptqkit.models import build_model
 from ptqkit.errors import ConfigError, UserError
 from ptqkit.algorithms.bns import batchnorm_layers, check_centers, compute_bns_centers
 
+pytestmark = pytest.mark.cifar10
+
 FDDA_QUANT = {"w": {"bits": 4, "per_channel": True, "observer": "minmax"}, "a": {"bits": 4, "observer": "ema_minmax"}}
 
 

@@ -19,6 +19,8 @@ from conftest import REPO, base_tree
 from ptqkit.config import load_config, validate
 from ptqkit.errors import ConfigError
 
+pytestmark = pytest.mark.cifar10
+
 CPU = torch.device("cpu")
 RESNET20_UNITS = ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear"]
 

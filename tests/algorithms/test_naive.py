@@ -9,6 +9,8 @@ from conftest import base_tree, top1
 from ptqkit.config import validate
 from ptqkit.quant.prepare import calibrate, prepare_quantized
 
+pytestmark = pytest.mark.cifar10
+
 
 def _naive(cfg, model, calib):
     qmodel, layout = prepare_quantized(model, cfg.quant)

@@ -19,6 +19,8 @@ from conftest import ASSETS, REPO, base_tree
 from ptqkit.config import load_config, load_yaml_tree, validate
 from ptqkit.errors import ConfigError
 
+pytestmark = pytest.mark.cifar10
+
 CPU = torch.device("cpu")
 
 
@@ -205,6 +207,7 @@ def test_folded_bn_is_fine_without_distribution_correction():
     assert validate(base_tree(quant={"fold_bn": True}, algorithm={"name": "pdquant", "dc": False})).algorithm.pd
 
 
+@pytest.mark.imagenet_sample
 @pytest.mark.parametrize("model,weight,temperature,lamb_c", [
     ("resnet18", 0.01, 4.0, 0.02), ("regnetx_600mf", 0.01, 4.0, 0.01),
     ("mobilenet_v2", 0.1, 1.0, 0.005), ("mnasnet2_0", 0.2, 1.0, 0.001),

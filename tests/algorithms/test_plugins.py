@@ -14,6 +14,8 @@ from ptqkit.algorithms import registry
 from ptqkit.config import validate
 from ptqkit.errors import ConfigError
 
+pytestmark = pytest.mark.cifar10
+
 EXAMPLE = os.path.join(REPO, "examples", "custom_method")
 
 

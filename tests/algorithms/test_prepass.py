@@ -14,6 +14,8 @@ from ptqkit.quant import prepare as pq
 from ptqkit.quant import state
 from ptqkit.quant.quantizers import act_quantizers, fp_mode, quant_state
 
+pytestmark = pytest.mark.cifar10
+
 
 def test_cle_keeps_resnet20s_function_and_equalizes_its_ranges(resnet20, cifar_calib):
     eq, report = equalized(resnet20)
@@ -30,6 +32,7 @@ def test_cle_keeps_resnet20s_function_and_equalizes_its_ranges(resnet20, cifar_c
     assert resnet20.layer1[0].bn1.weight.data_ptr() != eq.layer1[0].bn1.weight.data_ptr()   # a copy
 
 
+@pytest.mark.imagenet_sample
 def test_cle_keeps_mobilenet_v2s_relu6_exactly():
     """The paper swaps ReLU6 for ReLU (on this checkpoint: 79.5 -> 69.5 FP32 top-1 on 200 sample images); here each
     equalized ReLU6 clips per channel at 6 / s."""

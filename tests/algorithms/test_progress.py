@@ -14,6 +14,8 @@ import yaml
 
 from conftest import REPO, base_tree, small_run_config
 
+pytestmark = pytest.mark.cifar10
+
 ITERS = 40
 
 

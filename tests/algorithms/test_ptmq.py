@@ -16,6 +16,8 @@ from conftest import CIFAR, REPO, base_tree
 from ptqkit.config import validate
 from ptqkit.errors import ConfigError
 
+pytestmark = pytest.mark.cifar10
+
 CPU = torch.device("cpu")
 ITERS = 4
 

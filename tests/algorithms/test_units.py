@@ -8,6 +8,9 @@ from ptqkit.algorithms.units import partition
 from ptqkit.config import validate
 from ptqkit.models.cifar_resnet import BasicBlock
 from ptqkit.quant.prepare import prepare_quantized
+import pytest
+
+pytestmark = pytest.mark.cifar10
 
 
 class SharedStem(nn.Module):

@@ -17,6 +17,8 @@ from conftest import CIFAR, REPO, base_tree, cifar_checkpoint
 from ptqkit.config import validate
 from ptqkit.errors import DataError
 
+pytestmark = pytest.mark.cifar10
+
 
 def small_folder(tmp_path, per_class=3):
     """A copy of the first images of each CIFAR-10 test class (train/ and test/ alike), to damage at will."""

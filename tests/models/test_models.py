@@ -6,6 +6,8 @@ from conftest import CIFAR, IMAGENET, cifar_checkpoint, top1
 from ptqkit.models import available_models, build_model, load_checkpoint
 from ptqkit.errors import CheckpointError
 
+pytestmark = pytest.mark.cifar10
+
 
 @pytest.mark.slow
 def test_resnet20_fp32_is_8103_on_all_test_images(resnet20, cifar_test_set):
@@ -62,6 +64,7 @@ def test_every_zoo_model_traces_with_fx():
         torch.fx.symbolic_trace(build_model(name))
 
 
+@pytest.mark.imagenet_sample
 def test_shared_mobilenet_v2_checkpoint_loads():
     import os
     model = build_model("mobilenet_v2")

@@ -14,6 +14,8 @@ from ptqkit.quant.quantizers import LearnedRounding
 from ptqkit.algorithms import heap
 from ptqkit.quant import kernels
 
+pytestmark = pytest.mark.cifar10
+
 native = pytest.mark.skipif(kernels.library() is None, reason="fused kernels not built (no C compiler)")
 
 

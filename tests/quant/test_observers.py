@@ -7,6 +7,8 @@ from mqbench.observer import MSEObserver
 from conftest import base_tree, top1
 from ptqkit.quant.observers import PER_TENSOR_CANDIDATES, HistogramMSEObserver, shrink_factors
 
+pytestmark = pytest.mark.cifar10
+
 # Quantizer inputs in the Academic backend: post-ReLU (>= 0, many exact zeros) in each stage; a signed BN output.
 TENSORS = ("relu", "layer2.0.relu2", "layer3.2.relu1", "layer1.1.bn2")
 

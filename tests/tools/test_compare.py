@@ -16,6 +16,8 @@ from ptqkit.config import deep_merge
 from ptqkit.tools import compare
 from ptqkit.tools.compare import MixedRunsError
 
+pytestmark = pytest.mark.cifar10
+
 
 def make_run(root, name, *, algorithm="naive", w=4, a=4, top1=75.0, fp32=81.03, images=10000, config=None,
              units=None) -> str:

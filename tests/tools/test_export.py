@@ -13,6 +13,8 @@ import torch
 from conftest import REPO, base_tree
 from ptqkit.tools import export as tx
 
+pytestmark = pytest.mark.cifar10
+
 
 @pytest.fixture(scope="module")
 def w4a4_run(tmp_path_factory):
