@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -28,12 +29,13 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted reconstruction run in its folder, from its saved progress")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config value (YAML syntax), repeatable")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY.PATH=VALUE",
+                        help="override config values (YAML syntax): --set a.b=1 c.d=2, and/or repeated")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the quantization plan, calibrate nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.overrides = [item for group in args.overrides for item in group]
     if (args.config is None) == (args.resume is None):
         parser.error("give either --config FILE or --resume RUN_DIR")
     if args.resume and (args.overrides or args.dry_run):
@@ -69,6 +71,7 @@ def setup_logging(run_dir: str | None, level=logging.INFO) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     run_dir = None
+    made_run_dir = False
     try:
         cfg, run_dir, progress = _load(args)
         if args.dry_run:
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
         if run_dir is None:  # one folder for all processes, made by the first
             run_dir = distributed.broadcast_object(pipeline.new_run_dir(cfg.runtime.output_dir)
                                                    if main_process else None)
+            made_run_dir = main_process
         setup_logging(run_dir if main_process else None, logging.INFO if main_process else logging.WARNING)
         logging.getLogger("ptq").info("%s %s", "resuming in run folder" if progress else "run folder", run_dir)
         results = pipeline.run(cfg, run_dir, show_progress=main_process and not args.quiet, resume=progress)
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
         if not main_process:
             return 0
     except UserError as exc:
+        if made_run_dir:
+            _remove_if_nothing_done(run_dir)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -100,6 +106,18 @@ def main(argv=None) -> int:
     print(f"{results['model']} {results['bits']} {results['algorithm']}: top-1 {q['top1']:.2f} % "
           f"(FP32 {fp['top1']:.2f} % on the same {q['images']} images) -> {run_dir}")
     return 0
+
+
+def _remove_if_nothing_done(run_dir: str) -> None:
+    """A run that failed before any of its work was saved (bad checkpoint, unreadable images, ...) leaves no run
+    folder behind: nothing in it would be worth keeping, and the next try would otherwise get a `-2` suffix."""
+    if any(os.path.exists(os.path.join(run_dir, name)) for name in ("progress.pt", "results.json")):
+        return
+    for handler in logging.getLogger().handlers[:]:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _interrupted_message(run_dir: str | None) -> str:

@@ -106,6 +106,16 @@ def test_cli_resnet56_checkpoint_for_resnet20_is_one_line_and_exit_2(tmp_path):
     assert last.startswith(f"error: checkpoint '{cifar_checkpoint(56)}' does not match model 'cifar_resnet20': "
                            "180 unexpected (layer1.3.conv1.weight")
     assert "Traceback" not in proc.stderr
+    # found after the run folder was made, before any work: the folder goes too (no empty run, no "-2" next time)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_cli_set_takes_several_pairs(tmp_path):
+    proc = _cli(tmp_path, base_tree(), "--dry-run", "--set", "quant.w.bits=2", "quant.a.bits=3",
+                "--set", "runtime.seed=7")
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout.split("\n\n")[0])
+    assert (resolved["quant"]["w"]["bits"], resolved["quant"]["a"]["bits"], resolved["runtime"]["seed"]) == (2, 3, 7)
 
 
 def test_cli_missing_config_file(tmp_path):
@@ -146,3 +156,4 @@ def test_cli_untraceable_model_is_one_line_and_exit_2(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: torch.fx cannot trace model 'Branchy': ")
     assert last.endswith("(hint: list the offending module classes in model.leaf_modules)")
+    assert not os.path.exists(tmp_path / "run")
