@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Issue 24, item 1: where brecq_joint W2A2 loses against its reference. A controlled experiment on CIFAR-10
-ResNet-20, the issue-3 protocol (1,024 calibration images, batch 32, 2,000 iterations per unit, all 10,000 test
+"""Where brecq_joint W2A2 loses against its reference (MQBench's loop). A controlled experiment on CIFAR-10
+ResNet-20, the ResNet-20 protocol (docs/METHODS.md#resnet-20-protocol: 1,024 calibration images, batch 32, 2,000 iterations per unit, all 10,000 test
 images): the same method, seed and calibration, with the activation steps either re-observed on each unit's cached
 inputs before it learns (`act_init_images: 256`, QDrop's original code) or kept as the global calibration set them
 (`act_init_images: 0`, MQBench's `ptq_reconstruction`, the reference of brecq_joint), for brecq_joint and, as the
@@ -161,7 +161,7 @@ def main() -> int:
 
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# ResNet-20 {args.bits}: activation steps re-observed per unit (256) or kept from calibration (0)\n\n"
-            f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). Issue-3 protocol "
+            f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). The ResNet-20 protocol "
             "(1,024 calibration images drawn with seed 1005, batch 32, 2,000 iterations per unit, histogram-MSE "
             "initialisation), all 10,000 test images, FP32 measured in each run. Only `algorithm.act_init_images` "
             "differs within a row.\n\n" + "\n".join(lines) + "\n\n"

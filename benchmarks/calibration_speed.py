@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Calibration speed of the MSE range observers (issue 9): MQBench's MSEObserver and EMAMSEObserver against
+"""Calibration speed of the MSE range observers: MQBench's MSEObserver and EMAMSEObserver against
 ptqkit's HistogramMSEObserver (`observer: hist_mse`), in one process, on the same model, calibration images and
 seed, through the toolkit's own path (config validation, prepare_quantized, calibrate).
 
@@ -8,9 +8,9 @@ seed, through the toolkit's own path (config validation, prepare_quantized, cali
 
 Protocol: W4A4, per-channel asymmetric weights, per-tensor asymmetric activations, first/last-layer weights and the
 last layer's input at 8 bit, BN unfolded (Academic), the same observer and p for weights and activations, batch 32.
-(a) CIFAR-10 ResNet-20 (shared checkpoint), 256 and 1,024 calibration images drawn with seed 1005 from the shared
-train folder, evaluated on all 10,000 test images. (b) ImageNet MobileNetV2 (shared Coral checkpoint, preset
-imagenet_pm1), the 1,000 sample images split by the toolkit's data module into a 500-image calibration pool and a
+(a) CIFAR-10 ResNet-20 (the assets' checkpoint, docs/ASSETS.md), 256 and 1,024 calibration images drawn with seed
+1005 from the training images, evaluated on all 10,000 test images. (b) ImageNet MobileNetV2 (the ImageNet sample
+asset's Coral checkpoint, preset imagenet_pm1), the 1,000 sample images split by the toolkit's data module into a 500-image calibration pool and a
 500-image evaluation half; 16 and 64 calibration images.
 
 Measured per configuration:
@@ -34,6 +34,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from ptqkit import assets as ptq_assets  # noqa: E402
 
 OBSERVER_NAMES = {"minmax": "MinMaxObserver (reference)", "mse": "MQBench MSEObserver",
                   "ema_mse": "MQBench EMAMSEObserver", "hist_mse": "ptqkit HistogramMSEObserver"}
@@ -276,7 +278,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-batch", type=int, default=100)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N images only (quick)")
-    parser.add_argument("--assets", default=os.path.normpath(os.path.join(REPO, "..", "shared", "assets")))
+    parser.add_argument("--assets", default=ptq_assets.root(),
+                        help="the assets root (docs/ASSETS.md; default $PTQKIT_ASSETS, else ~/.cache/ptqkit/assets)")
     parser.add_argument("--results", default="benchmarks/results/calibration_speed.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Composition table (issue 23): methods assembled from the published ones' parts (`algorithm.name: compose`,
+"""Composition table: methods assembled from the published ones' parts (`algorithm.name: compose`,
 configs/cifar10/compose/), beside PD-Quant and QDrop alone, on the engine benchmark protocol (ResNet-20, 1,024
 calibration images, 2,000 iterations per unit, all 10,000 test images, FP32 beside each row).
 
@@ -96,7 +96,7 @@ def main() -> int:
     budget = ("SHORT budget for every row: 512 calibration images (seed 1005), batch 32, 500 iterations per unit, "
               "distribution correction 100 steps per 32 images" if args.short else
               "Engine benchmark protocol: 1,024 calibration images (seed 1005), batch 32, 2,000 iterations per unit")
-    text = (f"# Compositions on ResNet-20 (CIFAR-10, shared assets)\n\nMade by `{command}` on "
+    text = (f"# Compositions on ResNet-20 (CIFAR-10 assets)\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores, one thread per run, two runs side by side). "
             f"{budget}; histogram-MSE initialisation, all 10,000 test images; FP32 measured in every run.\n\n"
             + "\n".join(rows) + "\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""FDDA benchmark (issue 7): CIFAR-10 ResNet-20 W4A4 (or --bits) on the shared assets, 10 calibration images (one
-per class, drawn with seed 1005 from the shared train folder), each run in its own process through ptq_main.py;
+"""FDDA benchmark: CIFAR-10 ResNet-20 W4A4 (or --bits) from the assets (docs/ASSETS.md), 10 calibration images (one
+per class, drawn with seed 1005 from the training images), each run in its own process through ptq_main.py;
 then one table with the FP32 top-1 of the same run beside each quantized top-1, on all 10,000 test images.
 
     python benchmarks/fdda_resnet20.py                       # fdda, its ablation, the naive baselines
@@ -125,10 +125,10 @@ def main() -> int:
               "|---|---|---|---|---|---|---|---|---|---|---|")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     threads = os.environ.get("OMP_NUM_THREADS")
-    text = (f"# ResNet-20 (CIFAR-10, shared assets): FDDA {args.bits.upper()} from one image per class\n\n"
+    text = (f"# ResNet-20 (CIFAR-10 assets): FDDA {args.bits.upper()} from one image per class\n\n"
             f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores"
             + (f", OMP_NUM_THREADS={threads}" if threads else "") + "). "
-            "Every run: the same 10 calibration images (one per class, seed 1005, shared train folder), all "
+            "Every run: the same 10 calibration images (one per class, seed 1005, from the training images), all "
             f"10,000 test images; FP32 measured in the same run. {args.bits.upper()}, first/last-layer weights and the last "
             "layer's input at 8 bit. `quantize s` is the algorithm alone, `run wall s` the whole process "
             "(model, data, two evaluations); the machine was shared, so times vary with its load.\n\n"

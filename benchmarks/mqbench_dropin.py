@@ -31,11 +31,12 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 def resnet20_and_calibration(images: int, seed: int):
-    """The shared CIFAR-10 ResNet-20 (eval mode), its validated data config, splits and calibration images."""
+    """CIFAR-10 ResNet-20 from the assets (eval mode), its validated data config, splits and calibration images."""
+    from ptqkit import assets as ptq_assets
     from ptqkit import data
     from ptqkit.config import validate
     from ptqkit.models import build_model, load_checkpoint
-    assets = os.path.normpath(os.path.join(REPO, "..", "shared", "assets", "cifar10"))
+    assets = ptq_assets.resolve("assets:cifar10")
     cfg = validate({"model": {"name": "cifar_resnet20"},
                     "data": {"root": assets, "preset": "cifar10",
                              "calibration": {"split": "train", "num_images": images, "batch_size": 32, "seed": seed},

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MRECG benchmark (issue 5): CIFAR-10 ResNet-20 on the shared assets, QDrop beside MRECG on QDrop (automatic
+"""MRECG benchmark: CIFAR-10 ResNet-20 from the assets (docs/ASSETS.md), QDrop beside MRECG on QDrop (automatic
 grouping over three seeds, the hand-written scheme on the first) at W2A4 and W2A2, plus the per-unit final
 reconstruction loss of one seed with and without merging (the oscillation plot).
 
@@ -26,7 +26,7 @@ REPO = rr.REPO
 sys.path.insert(0, REPO)
 rr.CONFIGS.setdefault("mrecg", "configs/cifar10/resnet20_w4a4_mrecg.yaml")
 rr.CONFIGS.setdefault("mrecg_scheme", "configs/cifar10/resnet20_w4a4_mrecg_scheme.yaml")
-# issue 24: iterations scaled to the group's size, with the automatic (loss) and the paper's (params) criterion
+# iterations scaled to the group's size, with the automatic (loss) and the paper's (params) criterion
 rr.CONFIGS.setdefault("mrecg_scaled", "configs/cifar10/resnet20_w4a4_mrecg_scaled.yaml")
 rr.CONFIGS.setdefault("mrecg_paper", "configs/cifar10/resnet20_w4a4_mrecg_paper.yaml")
 SMOKE = ["algorithm.iters=20", "data.calibration.num_images=128", "data.evaluation.limit=500"]
@@ -56,7 +56,7 @@ def main() -> int:
                                           "smoke: inside --out)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--model", default="resnet20", choices=sorted(rr.DEPTH_CHECKPOINTS),
-                        help="the CIFAR-10 ResNet of the shared assets (the protocol, unchanged, on a deeper one)")
+                        help="the CIFAR-10 ResNet of the assets (the protocol, unchanged, on a deeper one)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     parser.add_argument("--table-only", action="store_true",
                         help="tabulate and plot the finished runs, start none (unfinished cells are left out)")
@@ -99,7 +99,7 @@ def main() -> int:
 
     groups = list(dict.fromkeys(g for (m, b, _), r in done if (g := groups_line(m, b, r))))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    text = (f"# ResNet-{args.model[6:]} (CIFAR-10, shared assets): MRECG beside QDrop\n\nMade by `{command}` on "
+    text = (f"# ResNet-{args.model[6:]} (CIFAR-10 assets): MRECG beside QDrop\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores)"
             + (f"; smoke overrides: {', '.join(SMOKE)}" if args.smoke else "") + ".\n\n"
             f"## Runs\n\n{rr.ROW_HEADER}\n" + "\n".join(rr.row(*c, r) for c, r in done) + "\n\n"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PD-Quant benchmark (issue 4): CIFAR-10 ResNet-20 on the shared assets, PD-Quant beside QDrop at W2A4 and W2A2
+"""PD-Quant benchmark: CIFAR-10 ResNet-20 from the assets (docs/ASSETS.md), PD-Quant beside QDrop at W2A4 and W2A2
 over three seeds, its ablations (prediction difference only, distribution correction only), and what it costs
 (ms per iteration, distribution-correction seconds, peak memory) against QDrop.
 
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--cost", action="store_true",
                         help="the cost rows only: QDrop, PD-Quant and its ablations one after another in one "
                              "invocation, single-threaded, at the first bit-width and seed, with "
-                             + ", ".join(COST) + " (the protocol's runs span sessions and machine loads, so "
+                             + ", ".join(COST) + " (the protocol's runs span days and machine loads, so "
                              "their timings do not compare)")
     parser.add_argument("--out", help="run folders (default benchmarks/runs/resnet20; smoke: .../pdquant_smoke; "
                                       "cost: .../pdquant_cost)")
@@ -168,14 +168,14 @@ def main() -> int:
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     how = {"smoke": f"; smoke overrides: {', '.join(SMOKE)} (PD-Quant rows also {', '.join(SMOKE_DC)})",
            "cost": f"; cost overrides: {', '.join(COST)}; runs one after another, one thread each"}.get(mode, "")
-    text = (f"# ResNet-20 (CIFAR-10, shared assets): PD-Quant beside QDrop\n\nMade by `{command}` on "
+    text = (f"# ResNet-20 (CIFAR-10 assets): PD-Quant beside QDrop\n\nMade by `{command}` on "
             f"{time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores){how}. pdquant_pd_only = "
             "algorithm.dc=false, pdquant_dc_only = algorithm.pd=false. ms / iteration: the engine's iteration loops "
             "alone (loop_seconds; runs without it: unit seconds less DC) over the iterations; DC s = "
             "distribution-correction seconds per run (from its log). * = timed as unit seconds less DC (runs from "
             "before loop_seconds), not divided by loop timings. Under Runs, ms / iteration is the units' whole time "
-            "(DC, range init and final error included) over the iterations. Timings of runs made in different "
-            "sessions or under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
+            "(DC, range init and final error included) over the iterations. Timings of runs made at different "
+            "times or under different loads do not compare; `--cost` measures the cost rows under one load.\n\n"
             f"## Summary\n\n{summary(done, run_dirs)}\n\n## Runs\n\n{rr.ROW_HEADER}\n"
             + "\n".join(rr.row(*c, r) for c, r in done) + "\n")
     missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]

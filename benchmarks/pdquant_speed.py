@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PD-Quant's cost per unit (issue 19, item 3) against its floors, in ONE process, on ResNet-20 W2A4.
+"""PD-Quant's cost per unit against its floors, in ONE process, on ResNet-20 W2A4.
 
     python benchmarks/pdquant_speed.py                       # 200 iterations and 100 DC steps per unit, 2 threads
     python benchmarks/pdquant_speed.py --threads 1 --iters 100
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reconstruction_resnet20 as rr  # noqa: E402
 from calibration_speed import config_tree  # noqa: E402
+from ptqkit import assets as ptq_assets  # noqa: E402
 
 
 def timed(step, iters: int, warmup: int = 10) -> float:
@@ -54,7 +55,8 @@ def main() -> int:
     parser.add_argument("--dc-batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=256, help="calibration images (seed 1005)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--assets", default=os.path.normpath(os.path.join(REPO, "..", "shared", "assets")))
+    parser.add_argument("--assets", default=ptq_assets.root(),
+                        help="the assets root (docs/ASSETS.md; default $PTQKIT_ASSETS, else ~/.cache/ptqkit/assets)")
     parser.add_argument("--results", default="benchmarks/results/pdquant_speed.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,7 +157,7 @@ def main() -> int:
 
     def ratio(a, b):
         return f"{a / b:.2f}" if b else "–"
-    lines = [f"# PD-Quant cost per unit: ResNet-20 {args.bits} (CIFAR-10, shared assets)", "",
+    lines = [f"# PD-Quant cost per unit: ResNet-20 {args.bits} (CIFAR-10 assets)", "",
              f"Made by `python {' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}` on "
              f"{time.strftime('%Y-%m-%d')}: one process, {args.threads} torch threads, {os.cpu_count()}-core CPU, "
              f"torch {torch.__version__}, Python {platform.python_version()}; load average (1 min) at the start "

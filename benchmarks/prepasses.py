@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Pre-passes (issue 23): naive quantization with and without cross-layer equalization (`cle`) and empirical bias
-correction (`bias_correction`), on the shared MobileNetV2 ImageNet sample and on CIFAR-10 ResNet-20, FP32 measured
-on the same evaluation images beside every row. Each cell is one ptq_main.py run in its own folder.
+"""Pre-passes: naive quantization with and without cross-layer equalization (`cle`) and empirical bias
+correction (`bias_correction`), on the MobileNetV2 of the ImageNet sample asset (docs/ASSETS.md) and on CIFAR-10
+ResNet-20, FP32 measured on the same evaluation images beside every row. Each cell is one ptq_main.py run in its own folder.
 
     python benchmarks/prepasses.py                          # every cell, writes benchmarks/results/prepasses.md
     python benchmarks/prepasses.py --models mobilenet_v2 --bits W4A4 --table-only
@@ -106,7 +106,7 @@ def main() -> int:
     text = (f"# Pre-passes: cross-layer equalization and bias correction before naive quantization\n\n"
             f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores, "
             f"{args.threads} threads per run). Top-1 % of naive quantization (calibration only, no reconstruction) "
-            "with each pre-pass set; MobileNetV2 on the 500 evaluation images of the shared sample, ResNet-20 on all "
+            "with each pre-pass set; MobileNetV2 on the 500 evaluation images of the ImageNet sample, ResNet-20 on all "
             "10,000 test images.\n\n" + "\n".join(lines) + "\n\nWhat each pre-pass did (results.json "
             "`algorithm_results`):\n\n" + "\n".join(details) + "\n")
     write_results(os.path.join(REPO, args.results), text)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PTMQ benchmark (issue 6): CIFAR-10 ResNet-20 on the shared assets. One PTMQ reconstruction (W4, activations
+"""PTMQ benchmark: CIFAR-10 ResNet-20 from the assets (docs/ASSETS.md). One PTMQ reconstruction (W4, activations
 A4/A6/A8) evaluated at all three bit-widths, beside three single-bit QDrop reconstructions (W4A4, W4A6, W4A8) of the
 same budget; PTMQ should be within 1.0 point of each, and its time is compared with the three runs' sum.
 
@@ -100,7 +100,7 @@ def main() -> int:
                   f"{ptmq_s / qdrop_s:.2f}x the sum." + (f" Resumed runs: {', '.join(resumed)}." if resumed else ""))
 
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    text = (f"# ResNet-20 (CIFAR-10, shared assets): PTMQ (one multi-bit model) beside QDrop (one model per "
+    text = (f"# ResNet-20 (CIFAR-10 assets): PTMQ (one multi-bit model) beside QDrop (one model per "
             f"bit-width)\n\nMade by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores)"
             + (f"; smoke overrides: {', '.join(SMOKE)}" if args.smoke else "") + ". BN folded in every run. "
             "A PTMQ iteration runs the unit once per bit-width.\n\n"

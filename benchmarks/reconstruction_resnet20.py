@@ -1,15 +1,16 @@
 #!/usr/bin/env python
-"""Engine benchmark (issue 3): CIFAR-10 ResNet-20 on the shared assets, naive and the reconstruction methods at
-several bit-widths, each run in its own process through ptq_main.py; then one table with FP32 beside each row.
+"""Engine benchmark, the ResNet-20 protocol (docs/METHODS.md#resnet-20-protocol): CIFAR-10 ResNet-20 from the
+assets (docs/ASSETS.md), naive and the reconstruction methods at several bit-widths, each run in its own process
+through ptq_main.py; then one table with FP32 beside each row.
 
     python benchmarks/reconstruction_resnet20.py                      # the whole protocol
     python benchmarks/reconstruction_resnet20.py --methods qdrop --bits W2A4 --seeds 1005 1006 1007
 
 Runs already finished (results.json present) are not repeated, and a run interrupted after some units continues
 from its saved progress (`ptq_main.py --resume`), so an interrupted benchmark can be restarted.
-Protocol: 1,024 calibration images drawn with seed 1005 from the shared train folder, batch 32, 2,000 iterations
-per unit, per-channel asymmetric weights, first/last-layer weights and the last layer's input at 8 bit, MSE
-initialisation, all 10,000 test images.
+Protocol: 1,024 calibration images drawn with seed 1005 from the training images, batch 32, 2,000 iterations
+per unit, per-channel asymmetric weights, first/last-layer weights and the last layer's input at 8 bit, hist_mse
+range initialisation with p 2.4, all 10,000 test images.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def finished(method: str, bits: str, seed: int, out_root: str) -> dict | None:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-# checkpoints of the shared assets; paths in --set overrides are relative to the repository root, as run
+# CIFAR-10 ResNet checkpoints under the assets root (docs/ASSETS.md), named in --set overrides as assets: paths
 DEPTH_CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
                      "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
 
@@ -117,10 +118,10 @@ def write_results(path: str, text: str) -> None:
 
 
 def model_overrides(model: str) -> list[str]:
-    """--set overrides that put the protocol's configs (all ResNet-20) on another CIFAR ResNet of the shared assets."""
+    """--set overrides that put the protocol's configs (all ResNet-20) on another CIFAR ResNet of the assets."""
     if model == "resnet20":
         return []
-    return [f"model.name=cifar_{model}", f"model.checkpoint=../shared/assets/cifar10/{DEPTH_CHECKPOINTS[model]}"]
+    return [f"model.name=cifar_{model}", f"model.checkpoint=assets:cifar10/{DEPTH_CHECKPOINTS[model]}"]
 
 
 def main() -> int:
@@ -132,7 +133,7 @@ def main() -> int:
     parser.add_argument("--results", default="benchmarks/results/reconstruction_resnet20.md")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each single-threaded if > 1)")
     parser.add_argument("--model", default="resnet20", choices=sorted(DEPTH_CHECKPOINTS),
-                        help="the CIFAR-10 ResNet of the shared assets (the protocol, unchanged, on a deeper one)")
+                        help="the CIFAR-10 ResNet of the assets (the protocol, unchanged, on a deeper one)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     parser.add_argument("--table-only", action="store_true",
                         help="tabulate the finished runs, start none (cells not finished are listed as missing)")
@@ -150,7 +151,7 @@ def main() -> int:
     missing = [f"{m} {b} seed {s}" for (m, b, s), r in zip(cells, results) if r is None]
     rows = [row(*c, r) for c, r in zip(cells, results) if r is not None]
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
-    text = (f"# ResNet-{args.model[6:]} (CIFAR-10, shared assets): reconstruction methods\n\nMade by `{command}` "
+    text = (f"# ResNet-{args.model[6:]} (CIFAR-10 assets): reconstruction methods\n\nMade by `{command}` "
             f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"
             f"{ROW_HEADER}\n" + "\n".join(rows) + "\n")
     if missing:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reconstruction speed (issue 19): ptqkit's engine against its floor and against MQBench's stock
+"""Reconstruction speed: ptqkit's engine against its floor and against MQBench's stock
 `mqbench.advanced_ptq.ptq_reconstruction`, QDrop settings, in ONE process, from the same calibrated model, images,
 seed, iteration budget and thread count; then the shipped command end to end.
 
@@ -22,8 +22,8 @@ What is timed, each in this process, one after another, on `--threads` torch thr
   high-water mark reset before it).
 - end to end: the shipped command (`--end-to-end-config`, W2A4) as a user runs it, in a subprocess, with the load
   average before and after.
-Results go to a markdown file (hand-written notes after its "## Notes" heading are kept) and, with the keys the
-issue asks for, to a JSON file beside it.
+Results go to a markdown file (hand-written notes after its "## Notes" heading are kept) and, with the headline
+figures as keys, to a JSON file beside it.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reconstruction_resnet20 as rr  # noqa: E402
 from calibration_speed import _rss_mb, config_tree, reset_peak_rss  # noqa: E402
+from ptqkit import assets as ptq_assets  # noqa: E402
 
 
 class AttrDict(dict):
@@ -140,7 +141,7 @@ def end_to_end(config: str, bits: str, out_dir: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20", choices=("resnet20", "mobilenet_v2"),
-                        help="CIFAR-10 ResNet-20 or ImageNet MobileNetV2 on the shared ImageNet sample")
+                        help="CIFAR-10 ResNet-20 or ImageNet MobileNetV2 on the ImageNet sample asset")
     parser.add_argument("--bits", default="W2A4")
     parser.add_argument("--iters", type=int, default=2000, help="iterations per unit, engine and MQBench")
     parser.add_argument("--floor-iters", type=int, default=300, help="timed iterations per unit of the floor")
@@ -148,7 +149,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument("--assets", default=os.path.normpath(os.path.join(REPO, "..", "shared", "assets")))
+    parser.add_argument("--assets", default=ptq_assets.root(),
+                        help="the assets root (docs/ASSETS.md; default $PTQKIT_ASSETS, else ~/.cache/ptqkit/assets)")
     parser.add_argument("--results", default="benchmarks/results/reconstruction_speed.md")
     parser.add_argument("--no-mqbench", action="store_true")
     parser.add_argument("--no-end-to-end", action="store_true")
@@ -262,7 +264,7 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d')}: one process, {args.threads} torch threads, {os.cpu_count()}-core CPU, "
         f"torch {torch.__version__}, Python {platform.python_version()}. Load average (1 min) at the start "
         f"{load_start[0]:.2f}, before the end-to-end run {load_before_e2e[0]:.2f}; nothing else of ours ran.", "",
-        f"Shared checkpoint, per-channel weights, first/last-layer weights and the last layer's input at 8 bit, "
+        f"One checkpoint (the assets'), per-channel weights, first/last-layer weights and the last layer's input at 8 bit, "
         f"histogram-MSE calibration on {len(calib)} images (seed 1005), shared by all; {args.iters} iterations per "
         f"unit at batch {args.batch}; top-1 on {len(eval_images)} evaluation images, FP32 {fp32:.2f} %, "
         f"round-to-nearest from the shared calibration {rtn:.2f} %.", "",

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""FP32 accuracy of every shared pretrained checkpoint on all of its shared images, through the toolkit's own
-model zoo, checkpoint loader and preprocessing presets, beside the figure the assets README gives.
+"""FP32 accuracy of every pretrained checkpoint of the assets (docs/ASSETS.md) on all of its images, through the
+toolkit's own model zoo, checkpoint loader and preprocessing presets, beside the figure expected on this project's
+image copies (the CIFAR-10 images are JPEG copies, docs/METHODS.md#resnet-20-protocol).
 
     python benchmarks/zoo_fp32.py                    # all five models, writes benchmarks/results/zoo_fp32.md
     python benchmarks/zoo_fp32.py --models cifar_resnet56 --no-write
@@ -21,9 +22,11 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-ASSETS = os.path.normpath(os.path.join(REPO, "..", "shared", "assets"))
+from ptqkit import assets as ptq_assets  # noqa: E402
 
-# name -> (checkpoint under ASSETS, image folder under ASSETS, preset, top-1 stated in the assets README)
+ASSETS = ptq_assets.root()
+
+# name -> (checkpoint under ASSETS, image folder under ASSETS, preset, top-1 expected on this project's image copies)
 MODELS = {
     "cifar_resnet20": ("cifar10/resnet20-12fca82f.th", "cifar10/test", "cifar10", 81.03),
     "cifar_resnet32": ("cifar10/resnet32-d509ac18.th", "cifar10/test", "cifar10", 82.56),
@@ -50,7 +53,7 @@ def evaluate(name: str, batch_size: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | images | top-1 % | top-5 % | assets README top-1 % | difference | seconds (load + eval) |",
+    lines = ["| model | images | top-1 % | top-5 % | expected top-1 % | difference | seconds (load + eval) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['images']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['stated']:.2f} | "
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     for name in args.models:
         rows.append(evaluate(name, args.batch_size))
         r = rows[-1]
-        print(f"{name}: top-1 {r['top1']:.2f} % (README {r['stated']:.2f} %), top-5 {r['top5']:.2f} %, "
+        print(f"{name}: top-1 {r['top1']:.2f} % (expected {r['stated']:.2f} %), top-5 {r['top5']:.2f} %, "
               f"{r['images']} images, {r['seconds']:.1f} s", flush=True)
     text = table(rows)
     print(text)
@@ -79,10 +82,11 @@ def main(argv=None) -> int:
                                                      " --models " + " ".join(args.models))
         out = os.path.join(REPO, "benchmarks", "results", "zoo_fp32.md")
         with open(out, "w") as f:
-            f.write("# FP32 accuracy of the shared checkpoints on all of their shared images\n\n"
+            f.write("# FP32 accuracy of the assets' checkpoints on all of their images\n\n"
                     f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, {args.threads} threads, "
                     f"torch {torch.__version__}, Python {platform.python_version()}). The CIFAR-10 models are "
-                    "evaluated on the 10,000 shared test images, MobileNetV2 on the 1,000 ImageNet sample images "
+                    "evaluated on the 10,000 test images (this project's JPEG copies), MobileNetV2 on the 1,000 ImageNet "
+                    "sample images "
                     "(preset imagenet_pm1). Seconds include the data loading and may vary with the machine's "
                     "load.\n\n" + text + "\n")
         print(f"-> {os.path.relpath(out, REPO)}")

@@ -2,8 +2,8 @@
 of a run decoded once.
 
 Calibration images are drawn once, with their own seed, and held in memory as one tensor: every algorithm
-consumes exactly the same images. When calibration and evaluation read the same folder (the shared ImageNet
-sample: one image per class), the folder is split with the calibration seed into two disjoint parts and the
+consumes exactly the same images. When calibration and evaluation read the same folder (the ImageNet
+sample asset: one image per class), the folder is split with the calibration seed into two disjoint parts and the
 evaluation never sees a calibration image.
 
 Evaluation images are decoded once per run, before any calibration, into uint8 tensors after the preset's resize

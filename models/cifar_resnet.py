@@ -1,4 +1,5 @@
-"""CIFAR-10 ResNet-20/32/44/56 (He et al. 2016, CIFAR variant) with the module names of the shared checkpoints.
+"""CIFAR-10 ResNet-20/32/44/56 (He et al. 2016, CIFAR variant) with the module names of akamaster's
+checkpoints (the assets, docs/ASSETS.md).
 
 The shortcut is "option A": identity, or for a stride-2 / width-doubling block the input subsampled by 2 and
 zero-padded with `planes // 4` channels on each side. It is a module of its own (not a lambda) so that torch.fx

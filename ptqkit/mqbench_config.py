@@ -139,7 +139,9 @@ def quant_section(prepare: dict, backend) -> tuple[dict, dict, bool]:
     a_fq = q.get("a_fakequantize", "QDropFakeQuantize")
     if a_fq not in A_FAKEQUANT:
         raise ConfigError(f"{path}.a_fakequantize", "one of " + ", ".join(A_FAKEQUANT), a_fq)
-    quant["learn_input_step"] = A_FAKEQUANT[a_fq]      # MQBench learns the network input's step like any other
+    # whether the steps are learnable; MQBench never learns the network input's step (its first unit takes the
+    # quantized images as input) and the engine leaves it as calibrated whatever this key says
+    quant["learn_input_step"] = A_FAKEQUANT[a_fq]
     model = {}
     if "leaf_module" in prepare:
         leaves = prepare["leaf_module"]

@@ -1,5 +1,5 @@
 """Every config in configs/ validates. ImageNet configs carry placeholder paths (/path/to/...) for the user's
-data and checkpoints; those are swapped for real shared files so that everything else is checked."""
+data and checkpoints; those are swapped for real files of the assets so that everything else is checked."""
 import copy
 import glob
 import os

@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo) against one, on ResNet-20 with the shared checkpoint and images.
+"""Two CPU processes (torchrun, gloo) against one, on ResNet-20 with the assets' checkpoint and images.
 
 Calibration with MinMax ranges is exact over processes (ranges are unions of per-batch ranges) and sharded
 evaluation sums the same counts, so naive PTQ must give the very same top-1. Reconstruction draws its batches in a

@@ -1,5 +1,5 @@
 """One real reconstruction run end to end through the command, in the fast tier: ptq_main.py with QDrop on the
-shared ResNet-20 checkpoint and CIFAR-10 images (a short budget), results written and measured beside FP32, and
+assets' ResNet-20 checkpoint and CIFAR-10 images (a short budget), results written and measured beside FP32, and
 better than round-to-nearest from the same calibration images."""
 import json
 import subprocess

@@ -97,7 +97,7 @@ def write_method(method: str, bit_settings, recipe: dict, root: str = "configs")
     return paths
 
 
-# MRECG (issue 5): its table's models (MobileNetV2 at four widths) on both bases. ResNet and RegNetX use the released
+# MRECG: its table's models (MobileNetV2 at four widths) on both bases. ResNet and RegNetX use the released
 # hand-written schemes translated to our unit indices (stem 0, one unit per block, classifier last; a list entry =
 # units reconstructed together). The released MobileNetV2 scheme indexes MQBench's partition of another
 # implementation (18 units; ours has 20), so MobileNetV2 merges automatically: top_k 7, as many merges as that scheme.

@@ -1,4 +1,4 @@
-"""The reconstruction engine on a real ResNet-20 block (shared checkpoint, real CIFAR-10 calibration images)."""
+"""The reconstruction engine on a real ResNet-20 block (the assets' checkpoint, real CIFAR-10 calibration images)."""
 import io
 import os
 import re

@@ -1,4 +1,4 @@
-"""MRECG on the real ResNet-20 (shared checkpoint, real CIFAR-10 calibration images): scheme checks in one line and
+"""MRECG on the real ResNet-20 (the assets' checkpoint, real CIFAR-10 calibration images): scheme checks in one line and
 before any calibration, singletons = the base method exactly, the data-free capacity's numbers, deterministic
 automatic merging of exactly top_k pairs, the dry run, the ImageNet hand-written schemes against our units, and
 the per-unit loss plot."""

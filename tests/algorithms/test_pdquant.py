@@ -1,4 +1,4 @@
-"""PD-Quant on the real ResNet-20 (shared checkpoint, real CIFAR-10 calibration images): the prediction-difference
+"""PD-Quant on the real ResNet-20 (the assets' checkpoint, real CIFAR-10 calibration images): the prediction-difference
 term vanishes when quantized and FP logits coincide, distribution correction moves a block's BN statistics toward
 the running ones while the engine carries the uncorrected cache on, both parts off = QDrop exactly, one-line
 config errors and per-architecture defaults."""

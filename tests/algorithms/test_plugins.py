@@ -80,7 +80,7 @@ def test_an_installed_packages_entry_point_registers_its_method(tmp_path, monkey
 @pytest.mark.slow
 def test_the_example_method_runs_end_to_end_from_a_folder_outside_the_repository(tmp_path):
     """docs/NEW_METHOD.md's example: its file and a config in a folder of the user's, `ptq_main.py` run from there,
-    on the shared ResNet-20 (short budget); its term shows in the loss history of every unit it applies to."""
+    on the assets' ResNet-20 (short budget); its term shows in the loss history of every unit it applies to."""
     work = tmp_path / "my_project"
     work.mkdir()
     shutil.copy(os.path.join(EXAMPLE, "channel_stats.py"), work / "channel_stats.py")

@@ -1,4 +1,4 @@
-"""Resume and interruption, end to end through ptq_main.py on ResNet-20 with the shared checkpoint and images:
+"""Resume and interruption, end to end through ptq_main.py on ResNet-20 with the assets' checkpoint and images:
 a run killed with SIGKILL in the middle of a unit and continued with --resume ends exactly where an uninterrupted
 run of the same seed ends; SIGINT stops with a one-line message naming what was saved and how to continue."""
 import json

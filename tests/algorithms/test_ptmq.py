@@ -1,4 +1,4 @@
-"""PTMQ on the real ResNet-20 (shared checkpoint, real CIFAR-10 images): run-time switching of the activation
+"""PTMQ on the real ResNet-20 (the assets' checkpoint, real CIFAR-10 images): run-time switching of the activation
 bit-width, a reconstruction loss for every unit (first and last included), the bit-set checks, saving."""
 import io
 import os

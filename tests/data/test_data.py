@@ -1,4 +1,4 @@
-"""The data module on the shared CIFAR-10 images: evaluation images decoded once with the values of torchvision's
+"""The data module on the CIFAR-10 images of the assets: evaluation images decoded once with the values of torchvision's
 per-image transforms; an unreadable image stops a run before any calibration, in one line naming it; the FP32
 result is reused only for the same model and the same image bytes."""
 import os

@@ -1,4 +1,5 @@
-"""Model zoo and checkpoints against the real shared assets: the FP32 accuracies of the assets README."""
+"""Model zoo and checkpoints against the real assets: the FP32 accuracies expected on this project's image copies
+(benchmarks/results/zoo_fp32.md)."""
 import pytest
 import torch
 

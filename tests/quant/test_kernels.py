@@ -128,7 +128,7 @@ def test_per_channel_activations_follow_the_same_formula(post_relu, stop_at_boun
 
 
 def torch_clamp_stops_at_bounds() -> bool:
-    """Whether this torch's clamp gives gradient 0 to a value exactly on its bound (pytorch issue 184574; 1 before)."""
+    """Whether this torch's clamp gives gradient 0 to a value exactly on its bound (pytorch/pytorch#184574; 1 before)."""
     v = torch.zeros(1, requires_grad=True)
     torch.clamp(v, 0.0, 1.0).sum().backward()
     return v.grad.item() == 0.0

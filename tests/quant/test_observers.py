@@ -1,4 +1,4 @@
-"""HistogramMSEObserver on real ResNet-20 tensors from the shared assets: it picks ranges as good as MQBench's exact
+"""HistogramMSEObserver on real ResNet-20 tensors from the assets: it picks ranges as good as MQBench's exact
 MSE search (activations) or exactly MQBench's ranges (per-channel weights), and it works through the toolkit."""
 import pytest
 import torch
