@@ -2,7 +2,8 @@
 while rounding is learned; activation ranges come from the calibration observers."""
 from dataclasses import dataclass
 
-from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.engine import NO_DROP
+from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig, rounding
 from ptqkit.algorithms.registry import register
 from ptqkit.algorithms.units import GRANULARITIES
 from ptqkit.schema import spec
@@ -16,4 +17,4 @@ class AdaRound(Reconstruction):
         granularity: str = spec("layer", choices=GRANULARITIES)
 
     def phases(self):
-        return [self.base_phase(learn_rounding=True, learn_act_scale=False, quant_acts=False, act_init_images=0)]
+        return rounding(self, self.name, NO_DROP)

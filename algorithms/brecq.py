@@ -11,7 +11,8 @@ costs 1.15 points over five seeds (65.06 against 66.21, benchmarks/results/act_i
 """
 from dataclasses import dataclass
 
-from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.engine import NO_DROP
+from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig, joint, two_stage
 from ptqkit.algorithms.registry import register
 from ptqkit.schema import spec
 
@@ -31,13 +32,7 @@ class Brecq(Reconstruction):
                 self.act_iters = 0
 
     def phases(self):
-        p = self.params
-        stages = [self.base_phase(f"{self.name}-weights", learn_rounding=True, learn_act_scale=False,
-                                  quant_acts=False, act_init_images=0)]
-        if p.act_iters > 0:
-            stages.append(self.base_phase(f"{self.name}-acts", iters=p.act_iters, learn_rounding=False,
-                                          learn_act_scale=True, quant_acts=True, a_lr=p.act_lr, rec_p=p.act_p))
-        return stages
+        return two_stage(self, self.name, NO_DROP)
 
 
 @register("brecq_joint")
@@ -49,4 +44,4 @@ class BrecqJoint(Reconstruction):
                                                   "as MQBench)")
 
     def phases(self):
-        return [self.base_phase(learn_rounding=True, learn_act_scale=True, quant_acts=True)]
+        return joint(self, self.name, NO_DROP)

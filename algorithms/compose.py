@@ -38,12 +38,12 @@ from ptqkit.algorithms.mrecg import MRECG, GroupingKeys, MRECGGrouping
 from ptqkit.algorithms.pdquant import PDKeys, PDQuant, DistributionCorrection, PredictionDifference
 from ptqkit.algorithms.ptmq import PAPER_BIT_SETS, PTMQ, MixerKeys, MultiBit, PTMQConfig, check_bit_set
 from ptqkit.algorithms.qdrop import QDrop
-from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.reconstruction import LEARN_MODES, Reconstruction, ReconstructionConfig
 from ptqkit.algorithms.registry import get_term, register
 from ptqkit.errors import ConfigError
 from ptqkit.schema import spec
 
-LEARN = ("joint", "weights_first", "two_stage", "rounding", "rounding_fixed_acts")
+LEARN = tuple(LEARN_MODES)
 # preset -> (the published method, the parts it turns on / the settings it has that are not keys of its own)
 PRESETS: dict[str, tuple[type, dict]] = {
     "qdrop": (QDrop, {"learn": "joint"}),
@@ -125,25 +125,7 @@ class Compose(Reconstruction):
 
     def phases(self) -> list[Phase]:
         p = self.params
-        name = p.preset or self.name
-        drop = DropRule(keep_prob=p.prob, input_prob=p.input_prob)
-        if p.learn == "joint":
-            return [self.base_phase(name, learn_rounding=True, learn_act_scale=True, quant_acts=True, drop=drop)]
-        if p.learn == "weights_first":
-            return [self.base_phase(f"{name}-weights", learn_rounding=True, learn_act_scale=False, drop=drop),
-                    self.base_phase(f"{name}-acts", learn_rounding=False, learn_act_scale=True, act_init_images=0,
-                                    drop=drop)]
-        if p.learn == "two_stage":
-            stages = [self.base_phase(f"{name}-weights", learn_rounding=True, learn_act_scale=False,
-                                      quant_acts=False, act_init_images=0, drop=drop)]
-            if p.act_iters > 0:
-                stages.append(self.base_phase(f"{name}-acts", iters=p.act_iters, learn_rounding=False,
-                                              learn_act_scale=True, quant_acts=True, a_lr=p.act_lr, rec_p=p.act_p,
-                                              drop=drop))
-            return stages
-        quant_acts = p.learn == "rounding_fixed_acts"
-        return [self.base_phase(name, learn_rounding=True, learn_act_scale=False, quant_acts=quant_acts,
-                                act_init_images=0, drop=drop)]
+        return LEARN_MODES[p.learn](self, p.preset or self.name, DropRule(keep_prob=p.prob, input_prob=p.input_prob))
 
     def make_parts(self):
         p = self.params
@@ -175,10 +157,9 @@ def preset_values(preset: str) -> dict:
     for f in dataclasses.fields(method.Config):
         if f.init and f.name in ours and f.name != "name":
             values[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if method is MRECG:       # its phases are its base's: QDrop's drop rule and activation step initialisation
-        values.update(prob=QDrop.Config.prob, input_prob=QDrop.Config.input_prob,
-                      act_init_images=QDrop.Config.act_init_images)
-    return {**values, **switches}
+    # a key the method leaves null means "as my base has it" (MRECG's act_init_images)
+    inherited = {k: v for k, v in method.inherited_defaults().items() if k in ours and k != "name" and values.get(k) is None}
+    return {**values, **inherited, **switches}
 
 
 def composition(p: ComposeConfig) -> str:

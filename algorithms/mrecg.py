@@ -305,6 +305,13 @@ class MRECG(Reconstruction):
     def phases(self) -> list[Phase]:
         return self.base_method().phases()
 
+    @classmethod
+    def inherited_defaults(cls) -> dict:
+        """Its phases are its default base's (QDrop's drop rule and step initialisation)."""
+        base = BASES[cls.Config.base].Config
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(base) if f.init}
+
     def make_parts(self):
         return [MRECGGrouping(self.params, f"on {self.params.base}")]
 

@@ -4,7 +4,7 @@ element-wise mix of quantized and full-precision unit inputs (`input_prob`)."""
 from dataclasses import dataclass
 
 from ptqkit.algorithms.engine import DropRule
-from ptqkit.algorithms.reconstruction import Reconstruction, ReconstructionConfig
+from ptqkit.algorithms.reconstruction import LEARN_MODES, Reconstruction, ReconstructionConfig
 from ptqkit.algorithms.registry import register
 from ptqkit.schema import spec
 
@@ -21,9 +21,5 @@ class QDrop(Reconstruction):
 
     def phases(self):
         p = self.params
-        drop = DropRule(keep_prob=p.prob, input_prob=p.input_prob)
-        if p.order == "together":
-            return [self.base_phase(learn_rounding=True, learn_act_scale=True, drop=drop)]
-        return [self.base_phase(f"{self.name}-weights", learn_rounding=True, learn_act_scale=False, drop=drop),
-                self.base_phase(f"{self.name}-acts", learn_rounding=False, learn_act_scale=True, act_init_images=0,
-                                drop=drop)]
+        learn = LEARN_MODES["joint" if p.order == "together" else "weights_first"]
+        return learn(self, self.name, DropRule(keep_prob=p.prob, input_prob=p.input_prob))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ptqkit import distributed
 from ptqkit.algorithms import progress
 from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
-from ptqkit.algorithms.engine import CompositeHooks, Engine, EngineSettings, Hooks, Phase
+from ptqkit.algorithms.engine import NO_DROP, CompositeHooks, DropRule, Engine, EngineSettings, Hooks, Phase
 from ptqkit.algorithms.units import GRANULARITIES, Unit, describe_units, partition
 from ptqkit.quant import prepare as pq
 from ptqkit.schema import spec
@@ -103,6 +103,51 @@ class Part:
         return ""
 
 
+# --------------------------------------------------------------------------------- what learns when
+# The learning schedules the published methods are made of, each written once: the named methods pick one
+# (QDrop joint or weights_first, BRECQ two_stage, AdaRound rounding, MQBench's BRECQ joint without drop) and
+# `compose` picks any by its `learn` key, so a change to a schedule reaches every method that uses it.
+def joint(method: "Reconstruction", name: str, drop: DropRule) -> list[Phase]:
+    """Rounding and activation steps learn together, activations quantized (QDrop, MQBench's BRECQ, PD-Quant)."""
+    return [method.base_phase(name, learn_rounding=True, learn_act_scale=True, quant_acts=True, drop=drop)]
+
+
+def weights_first(method: "Reconstruction", name: str, drop: DropRule) -> list[Phase]:
+    """Rounding with the steps fixed, then the steps with the rounding fixed (same iterations each)."""
+    return [method.base_phase(f"{name}-weights", learn_rounding=True, learn_act_scale=False, drop=drop),
+            method.base_phase(f"{name}-acts", learn_rounding=False, learn_act_scale=True, act_init_images=0,
+                              drop=drop)]
+
+
+def two_stage(method: "Reconstruction", name: str, drop: DropRule) -> list[Phase]:
+    """BRECQ as published: rounding with activations in FP, then the steps (`act_iters`, `act_lr`, `act_p`)."""
+    p = method.params
+    stages = [method.base_phase(f"{name}-weights", learn_rounding=True, learn_act_scale=False, quant_acts=False,
+                                act_init_images=0, drop=drop)]
+    if p.act_iters > 0:
+        stages.append(method.base_phase(f"{name}-acts", iters=p.act_iters, learn_rounding=False,
+                                        learn_act_scale=True, quant_acts=True, a_lr=p.act_lr, rec_p=p.act_p,
+                                        drop=drop))
+    return stages
+
+
+def rounding(method: "Reconstruction", name: str, drop: DropRule) -> list[Phase]:
+    """AdaRound: rounding only, activations in FP while it learns."""
+    return [method.base_phase(name, learn_rounding=True, learn_act_scale=False, quant_acts=False,
+                              act_init_images=0, drop=drop)]
+
+
+def rounding_fixed_acts(method: "Reconstruction", name: str, drop: DropRule) -> list[Phase]:
+    """Rounding only, activations quantized at their calibrated steps (MQBench's AdaRound)."""
+    return [method.base_phase(name, learn_rounding=True, learn_act_scale=False, quant_acts=True,
+                              act_init_images=0, drop=drop)]
+
+
+LEARN_MODES: dict[str, Callable[["Reconstruction", str, DropRule], list[Phase]]] = {
+    "joint": joint, "weights_first": weights_first, "two_stage": two_stage, "rounding": rounding,
+    "rounding_fixed_acts": rounding_fixed_acts}
+
+
 class Reconstruction(Algorithm):
     Config = ReconstructionConfig
     multi_process = True
@@ -114,6 +159,12 @@ class Reconstruction(Algorithm):
     def make_parts(self) -> list[Part]:
         """The parts this method adds to block reconstruction (from its config alone)."""
         return []
+
+    @classmethod
+    def inherited_defaults(cls) -> dict:
+        """Settings the method runs with that are not keys of its own config (a method built on another, as
+        MRECG on QDrop, runs with its base's): what `compose` presets take besides the method's own keys."""
+        return {}
 
     # ------------------------------------------------------------------------------------- shared parts
     @cached_property
