@@ -117,11 +117,95 @@ class ActivationQuant(TensorQuant):
                            doc="gradient, while steps learn, of an element rounded onto the lowest or highest level: "
                                "pass = as inside the grid (LSQ; the BRECQ/QDrop code on the torch it was written "
                                "for); stop = as clipped (what MQBench's formula gets from the clamp of the torch "
-                               "here, 2.14, pytorch issue 184574; docs/MQBENCH_GAP.md)")
+                               "here, 2.14, pytorch/pytorch#184574; docs/MQBENCH_GAP.md)")
 
 
 def _weights_default():
     return TensorQuant(bits=4, per_channel=True)
+
+
+# ------------------------------------------------------------------ per-layer settings, mixed precision
+# docs/MIXED_PRECISION.md; applied by ptqkit.quant.layer_bits, the allocation by ptqkit.sensitivity
+@dataclass
+class LayerTensorQuant:
+    """A `quant.layers` entry's weight (`w`) or input-activation (`a`) settings; null keeps what is there."""
+    bits: Optional[int] = spec(None, lo=2, hi=8)
+    per_channel: Optional[bool] = spec(None)
+    symmetric: Optional[bool] = spec(None)
+    observer: Optional[str] = spec(None, choices=OBSERVERS)
+    p: Optional[float] = spec(None, lo=1.0, hi=4.0)
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class LayerQuant:
+    match: str = spec(doc="fnmatch glob on conv/linear module names")
+    w: LayerTensorQuant = spec(factory=LayerTensorQuant)
+    a: LayerTensorQuant = spec(factory=LayerTensorQuant)
+
+    def check(self, path):
+        if not self.match.strip():
+            raise ConfigError(f"{path}.match", "a non-empty fnmatch pattern of module names", self.match)
+        if not self.w.settings() and not self.a.settings():
+            raise ConfigError(path, "an entry that sets something under w or a (bits, per_channel, symmetric, "
+                                    "observer, p)", show_actual=False)
+
+
+MEASURES = ("kl", "top1", "mse", "hessian")
+
+
+@dataclass
+class MixedBudget:
+    avg_w_bits: Optional[float] = spec(None, lo=1.0, hi=32.0,
+                                       doc="average weight bits over every conv/linear weight, weighted by "
+                                           "parameter count (the 8-bit convention layers included)")
+    w_bytes: Optional[float] = spec(None, lo=0.0, doc="bytes of every conv/linear weight at its bits (scales, "
+                                                      "zero points, biases, BN not counted)")
+    bops: Optional[float] = spec(None, lo=0.0, doc="bit-operations per image: sum over conv/linear layers of MACs x "
+                                                   "weight bits x input-activation bits (32 where the input is not "
+                                                   "quantized); YAML reads 6.5e+8, not 6.5e8, as a number")
+
+    def check(self, path):
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        if len(given) > 1:
+            raise ConfigError(path, "one budget (avg_w_bits, w_bytes or bops)", given)
+
+    @property
+    def kind(self) -> Optional[str]:
+        return next((f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None), None)
+
+
+@dataclass
+class MixedConfig:
+    budget: MixedBudget = spec(factory=MixedBudget)
+    candidates: list[int] = spec(factory=lambda: [2, 3, 4], lo=2, hi=8,
+                                 doc="weight bit-widths a layer may get (layers the 8-bit conventions fix keep "
+                                     "theirs and count toward the budget)")
+    measure: str = spec("kl", choices=MEASURES,
+                        doc="the per-layer cost summed by the allocation: kl (KL divergence of the logits from FP), "
+                            "top1 (top-1 drop on the held-out images), mse (of the logits), hessian (HAWQ-v2: "
+                            "Hutchinson trace / params x weight quantization error)")
+    solver: str = spec("exact", choices=("exact", "greedy"),
+                       doc="exact = multiple-choice knapsack by scipy.optimize.milp; greedy = from the fewest bits, "
+                           "raise the layer with the largest error per added cost while the budget allows")
+    sensitivity: Optional[str] = spec(None, exists="file",
+                                      doc="sensitivity.json written by python -m ptqkit.tools.sensitivity (for this "
+                                          "model; weight rows at every candidate); null = measured at the start of "
+                                          "the run with the settings below")
+    calib_images: int = spec(256, lo=1, doc="sensitivity: calibration images whose ranges are observed (the first "
+                                            "of the run's calibration draw)")
+    eval_images: int = spec(256, lo=1, doc="sensitivity: the next ones, held out, on which KL and top-1 are measured")
+    hessian_samples: int = spec(16, lo=1, doc="sensitivity: Hutchinson samples (measure hessian)")
+
+    def check(self, path):
+        if not self.candidates or len(set(self.candidates)) != len(self.candidates):
+            raise ConfigError(f"{path}.candidates", "a non-empty list of distinct bit-widths", self.candidates)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget.kind is not None
 
 
 @dataclass
@@ -133,10 +217,27 @@ class QuantConfig:
     last_layer_w_bits: Optional[int] = spec(8, lo=2, hi=8, doc="last layer's weight bits; null = w.bits")
     last_layer_a_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the last layer's input; null = a.bits")
     input_bits: Optional[int] = spec(8, lo=2, hi=8, doc="bits of the network input (image); null = no quantizer")
-    learn_input_step: bool = spec(False, doc="reconstruction also learns the network input quantizer's step "
-                                             "(MQBench does; it costs the first layer's input gradient every "
-                                             "iteration); false = it keeps its calibrated step, as an 8-bit image")
+    learn_input_step: bool = spec(False, doc="kept for older configs; no method learns the network input "
+                                             "quantizer's step either way: a unit learns the steps it produces, "
+                                             "and the first unit's input is the image, whose quantizer keeps its "
+                                             "calibrated 8-bit step, as in MQBench's loop (docs/MQBENCH_GAP.md)")
     fold_bn: bool = spec(False, doc="fold BN into convs before quantizing (BRECQ/QDrop); Academic keeps BN")
+    layers: list[LayerQuant] = spec(factory=list,
+                                    doc="per-layer settings, applied in order (later entries win, key by key): "
+                                        "{match: GLOB, w: {...}, a: {...}}; match is an fnmatch glob on conv/linear "
+                                        "module names (one matching none is refused); w and a take bits, "
+                                        "per_channel, symmetric, observer, p (null/absent = unchanged); a = the "
+                                        "quantizer(s) on the layer's input (shared with every layer reading the same "
+                                        "value); a layer fixed by an 8-bit convention changes only for an entry "
+                                        "whose match is its exact name; docs/MIXED_PRECISION.md")
+    mixed: MixedConfig = spec(factory=MixedConfig, doc="mixed precision: off unless a budget is given")
+
+    def check(self, path):
+        if self.a.bits is None:
+            for i, entry in enumerate(self.layers):
+                if entry.a.settings():
+                    raise ConfigError(f"{path}.layers[{i}].a", "no activation settings (quant.a.bits is null: "
+                                      "weight-only quantization has no activation quantizer)", entry.a.settings())
 
 
 @dataclass
@@ -152,6 +253,17 @@ class RuntimeConfig:
                                       "measure it again")
     retain_cpu_heap: bool = spec(True, doc="on CPU with glibc, keep freed memory in the heap during reconstruction "
                                            "instead of unmapping it (algorithms/heap.py); false = glibc's default")
+    tf32: bool = spec(False, doc="CUDA only: let FP32 convolutions and matmuls run in TF32 (Ampere and later; "
+                                 "torch's own default for cuDNN). false = FP32 is FP32, as on the CPU: the FP32 "
+                                 "figures and the CPU/CUDA agreement depend on it; true is faster on "
+                                 "convolution-bound units, with a 10-bit mantissa in the products")
+    deterministic: bool = spec(False, doc="CUDA only: the same results from the same inputs on the same GPU, which "
+                                          "bit-exact resume needs there (on the CPU it holds anyway): cuDNN's "
+                                          "deterministic algorithms with autotuning off, torch's deterministic "
+                                          "mode (an op without a deterministic kernel warns), "
+                                          "CUBLAS_WORKSPACE_CONFIG=:4096:8. Costs speed where cuDNN's fastest "
+                                          "convolution is not deterministic (python -m ptqkit.tools.gpu_check "
+                                          "reports the loop time with it on; docs/GPU.md)")
 
 
 @dataclass

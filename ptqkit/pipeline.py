@@ -21,13 +21,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ptqkit import data, distributed
+from ptqkit import data, distributed, sensitivity
 from ptqkit.algorithms.base import RunContext
+from ptqkit.algorithms.engine import cuda_run_peak_mb, reset_cuda_run_peak
 from ptqkit.algorithms.registry import get_algorithm, multi_process_algorithms
 from ptqkit.cache import cache_dir
 from ptqkit.config import Config, dump_config
 from ptqkit.errors import ConfigError
 from ptqkit.models import build_model, load_checkpoint
+from ptqkit.quant import layer_bits
 from ptqkit.quant.prepare import trace_check
 from ptqkit.saving import save_quantized
 
@@ -76,9 +78,11 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> dict:
+    """The host's peak resident memory and, on CUDA, the largest allocation over the whole run (the engine resets
+    torch's counter at every unit; ptqkit.algorithms.engine keeps the maximum across those resets)."""
     out = {"host_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
-        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        out["cuda_peak_allocated_mb"] = cuda_run_peak_mb(device)
     return out
 
 
@@ -132,8 +136,10 @@ def evaluate_fp32(model: nn.Module, eval_set, device, show_progress: bool, reuse
     version."""
     if not reuse:
         return evaluate(model, eval_set, device, "eval fp32", show_progress), False
-    key = hashlib.sha256("|".join([model_fingerprint(model), eval_set.digest, device.type,
-                                   torch.__version__]).encode()).hexdigest()
+    parts = [model_fingerprint(model), eval_set.digest, device.type, torch.__version__]
+    if device.type == "cuda":   # TF32 convolutions (runtime.tf32) change the FP32 figure
+        parts.append(f"tf32={torch.backends.cudnn.allow_tf32}")
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()
     path = os.path.join(cache_dir("fp32"), f"{key}.json")
     try:
         with open(path) as f:
@@ -174,9 +180,20 @@ def build_fp_model(cfg: Config, device) -> nn.Module:
     return model.eval().to(device)
 
 
-def quant_summary(cfg: Config) -> str:
+def quant_summary(cfg: Config, size: dict | None = None) -> str:
+    """W4A4; with per-layer bits (quant.layers) and the model's `size`, the bits the layers actually span, so that
+    a mixed run is not reported as its uniform default."""
     q = cfg.quant
-    return f"W{q.w.bits}A{32 if q.a.bits is None else q.a.bits}"   # A32: activations in full precision
+    label = f"W{q.w.bits}A{32 if q.a.bits is None else q.a.bits}"   # A32: activations in full precision
+    if size is None or not q.layers:
+        return label
+    w = sorted({layer["w_bits"] for layer in size["layers"].values()})
+    a = sorted({layer["a_bits"] or 32 for layer in size["layers"].values()})
+    return f"per-layer W{_span(w)}A{_span(a)} (average {size['avg_w_bits']:.2f} weight bits)"
+
+
+def _span(bits: list[int]) -> str:
+    return str(bits[0]) if len(bits) == 1 else f"{bits[0]}-{bits[-1]}"
 
 
 def check_multi_process(cfg: Config, algorithm) -> None:
@@ -202,15 +219,48 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
+_CUBLAS_WORKSPACE = ":4096:8"    # what cuBLAS needs to be deterministic (CUDA's reproducibility notes)
+
+
+@contextmanager
+def numerics(tf32: bool = False, deterministic: bool = False):
+    """Inside: CUDA's FP32 matmuls and convolutions in TF32 only if `tf32` (torch lets cuDNN use TF32 by default on
+    Ampere and later, so "FP32" would not be); with `deterministic`, the same results from the same inputs on the
+    same GPU (cuDNN's deterministic algorithms, no autotuning, torch's deterministic mode, cuBLAS's fixed
+    workspace): what bit-exact resume on a GPU needs. Every setting is restored on exit (runtime.tf32,
+    runtime.deterministic; docs/GPU.md)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = bool(tf32)
+        if deterministic:
+            # read when cuBLAS makes its workspace: before the run's first matmul on the GPU
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
+            cudnn.deterministic, cudnn.benchmark = True, False
+            # warn_only: an op with no deterministic CUDA kernel says so in the log instead of stopping the run
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[6]
+
+
 def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True,
         resume: dict | None = None) -> dict:
     """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.algorithms.progress)."""
-    with torch_threads(cfg.runtime.threads):
+    with torch_threads(cfg.runtime.threads), numerics(cfg.runtime.tf32, cfg.runtime.deterministic):
         return _run(cfg, run_dir, dry_run=dry_run, show_progress=show_progress, resume=resume)
 
 
 def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resume: dict | None) -> dict:
     device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
+    reset_cuda_run_peak(device)
     # one stream per process: each draws its own batches and drop masks (rank 0 is the single-process run)
     seed_everything(cfg.runtime.seed + distributed.rank())
     timer = PhaseTimer()
@@ -224,6 +274,8 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
     with timer("model"):  # before the data: a mismatched checkpoint should fail in a second
         fp_model = build_fp_model(cfg, device)
         trace_check(fp_model, cfg.model.leaf_modules)
+        # quant.layers patterns against the model's layers, before any data is read
+        layer_bits.check_patterns(cfg.quant.layers, layer_bits.fp_layers(fp_model), cfg.model.name)
     with timer("data"):
         splits = data.make_splits(cfg.data)
         calib_images, calib_labels = data.draw_calibration(splits, cfg.data.calibration)
@@ -236,8 +288,19 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
              cfg.model.name, quant_summary(cfg), cfg.algorithm.name, len(calib_images),
              len(splits.evaluation_indices), device,
              f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+    mixed = None
+    if cfg.quant.mixed.enabled:   # the allocation becomes quant.layers entries of cfg (docs/MIXED_PRECISION.md)
+        with timer("mixed_precision"):
+            mixed = sensitivity.apply_mixed(cfg, fp_model, calib_images, calib_labels, device, run_dir,
+                                            dry_run=dry_run, show_progress=show_progress)
+    elif resume is not None:
+        # the first start turned the allocation into the config.yaml this run was rebuilt from; its record stays
+        mixed = sensitivity.read_mixed_record(run_dir)
     if dry_run:
-        return {"dry_run": algorithm.describe(ctx)}
+        layers = sensitivity.describe_layers(cfg, fp_model, calib_images[:1].to(device))
+        notes = [] if mixed is None else [sensitivity.plan_line(mixed) if "allocation" in mixed else mixed["note"]]
+        # led by a blank line: the command prints the resolved config's YAML just before, and readers split there
+        return {"dry_run": "\n" + "\n\n".join(notes + [layers] + [t for t in [algorithm.describe(ctx)] if t])}
     ctx.evaluate = lambda model, desc: evaluate(model, loader, device, desc, show_progress)
 
     with timer("fp32_eval"):
@@ -254,17 +317,21 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
             save_quantized(qmodel, cfg, os.path.join(run_dir, "quantized_model.pt"))
     with timer("quant_eval"):
         quant = evaluate(qmodel, loader, device, "eval quant", show_progress)
-    log.info("%s %s top-1 %.2f %% (FP32 %.2f %% on the same %d images)", cfg.algorithm.name, quant_summary(cfg),
-             quant["top1"], fp32["top1"], quant["images"])
+    size = sensitivity.model_size(qmodel, calib_images[:1].to(device))
+    log.info("%s %s top-1 %.2f %% (FP32 %.2f %% on the same %d images)", cfg.algorithm.name,
+             quant_summary(cfg, size), quant["top1"], fp32["top1"], quant["images"])
     extra = algorithm.extra_evaluations(ctx, qmodel, ctx.evaluate)
     results = {
-        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "bits": quant_summary(cfg),
+        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "bits": quant_summary(cfg, size),
         "fp32": fp32, "fp32_reused": fp32_reused, "quant": quant, "drop_top1": round(fp32["top1"] - quant["top1"], 3),
         "calibration_images": len(calib_images), "evaluation_images": quant["images"],
         "seconds": timer.seconds, "memory": peak_memory_mb(device), "device": str(device),
         "versions": versions(), "config": cfg.to_dict(), "algorithm_results": ctx.results,
         "processes": distributed.world_size(),
     }
+    results["size"] = size
+    if mixed is not None:
+        results["mixed_precision"] = mixed
     if extra:
         results["extra_evaluations"] = extra
     if resume is not None:

@@ -20,6 +20,7 @@ from mqbench.prepare_by_platform import BackendType, CustomedTracer, prepare_by_
 
 from ptqkit import distributed
 from ptqkit.errors import ConfigError, TraceError
+from ptqkit.quant import layer_bits
 from ptqkit.quant.observers import HistogramMSEObserver
 from ptqkit.quant.quantizers import (ActQuantizer, act_quantizers, calibration_mode, fake_quantizers, quant_state,
                                      set_bits, weight_quantizers)
@@ -67,6 +68,7 @@ class QuantLayout:
     last_layer: str | None = None
     input_quantizers: list[str] = field(default_factory=list)  # quantizer module names on the network input
     last_input_quantizer: str | None = None
+    layer_act_quantizers: list[str] = field(default_factory=list)  # activation quantizers quant.layers set
 
 
 def _leaf_classes(model: nn.Module, names) -> tuple:
@@ -168,7 +170,7 @@ def prepare_quantized(fp_model: nn.Module, qcfg, leaf_modules=()) -> tuple[torch
     for name, bits in w_bits.items():
         set_bits(modules[name].weight_fake_quant, qcfg.w.bits if bits is None else bits)
     if qcfg.a.bits is None:
-        return gm, _weight_only(gm, layout, qcfg)
+        return gm, _apply_layers(gm, _weight_only(gm, layout, qcfg), qcfg, fp_model)
     for q in act_quantizers(gm):
         q.bound_grad = qcfg.a.bound_grad
     if layout.last_input_quantizer is not None:
@@ -182,7 +184,14 @@ def prepare_quantized(fp_model: nn.Module, qcfg, leaf_modules=()) -> tuple[torch
             if name != layout.last_input_quantizer:
                 set_bits(modules[name], qcfg.input_bits)
             modules[name].learn_step = qcfg.learn_input_step
-    return gm, layout
+    return gm, _apply_layers(gm, layout, qcfg, fp_model)
+
+
+def _apply_layers(gm, layout: QuantLayout, qcfg, fp_model) -> QuantLayout:
+    """`quant.layers` (per-layer settings, ptqkit.quant.layer_bits) over the conventions."""
+    applied = layer_bits.apply(gm, layout, qcfg, _qconfig_dict, type(fp_model).__name__)
+    layout.layer_act_quantizers = list(applied.activations)
+    return layout
 
 
 @torch.no_grad()
@@ -202,7 +211,7 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int, device, 
         for i, start in enumerate(range(0, len(images), batch_size)):
             if i == 1:
                 for q in weight_quantizers(qmodel):
-                    q.observer_enabled[0] = 0
+                    q.disable_observer()
             qmodel(images[start:start + batch_size].to(device))
             if progress is not None:
                 progress.update(min(batch_size, len(images) - start))
@@ -213,8 +222,8 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int, device, 
 def freeze(qmodel: nn.Module) -> None:
     """Observers off, fake quantization on, everywhere: the calibrated model as it is evaluated and saved."""
     for _, q in fake_quantizers(qmodel):
-        q.observer_enabled[0] = 0
-        q.fake_quant_enabled[0] = 1
+        q.disable_observer()
+        q.enable_fake_quant()
 
 
 @torch.no_grad()
