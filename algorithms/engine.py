@@ -21,7 +21,13 @@ the others (`Hooks.extra_loss`); the rounding regulariser and the schedules stay
 
 Memory: only the current unit's cached inputs and targets are held (on `cache_device`, in `cache_dtype`); for a
 chain of units the next unit's inputs are produced from the current unit's cache, so no unit re-runs the network.
-Each unit's record holds the process's resident memory (and CUDA peak) at its end, so growth from unit to unit shows.
+Each unit's record holds the process's resident memory (and its own CUDA peak) at its end, so growth from unit to
+unit shows; `cuda_run_peak_mb` is the peak over the whole run. A cache held on the CPU for a CUDA model is read
+through pinned memory (`kernels.gather_rows`).
+
+Host and device: the iterations read nothing back from the device but at every `log_every`-th (and the last):
+the loss history and the non-finite check happen there (`hostsync.log_point`); tests/test_host_sync.py and
+`python -m ptqkit.tools.gpu_check` hold every method to it.
 
 Resume: `run(..., after=(phase, unit), on_unit_done=...)` skips every unit up to and including `after` and calls
 `on_unit_done(phase, unit)` when a unit is finished (the caller saves what it needs there). A unit whose
@@ -51,7 +57,7 @@ from ptqkit.algorithms import heap
 from ptqkit.algorithms.graph import prefix_module, unit_module
 from ptqkit.algorithms.units import Unit
 from ptqkit.errors import NumericalError, UserError
-from ptqkit.quant import kernels
+from ptqkit.quant import hostsync, kernels
 from ptqkit.quant.state import fp_biases
 from ptqkit.quant.quantizers import (ActQuantizer, LearnedRounding, act_quantizers, keep_probability, quant_state,
                                      reset_observer)
@@ -60,8 +66,35 @@ log = logging.getLogger(__name__)
 
 
 def gather(cached: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
-    """Rows `idx` of a cached tensor, as float32 on `device`."""
-    return cached[idx].to(device, torch.float32, non_blocking=True)
+    """Rows `idx` of a cached tensor, as float32 on `device` (through pinned memory from a CPU cache to a GPU)."""
+    return kernels.gather_rows(cached, idx, device)
+
+
+# The CUDA peak over a whole run. The engine resets torch's peak counter at every unit, so that each unit's record
+# holds its own peak; what the counter held before each reset is folded in here first.
+_cuda_peak = {"mb": 0.0}
+
+
+def reset_cuda_run_peak(device=None) -> None:
+    """Start a run's peak afresh (the pipeline, at the start of every run in the process)."""
+    _cuda_peak["mb"] = 0.0
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _cuda_peak_now_mb(device) -> float:
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+
+
+def _reset_cuda_peak(device) -> None:
+    """torch's peak counter back to the current allocation, after folding the peak so far into the run's."""
+    _cuda_peak["mb"] = max(_cuda_peak["mb"], _cuda_peak_now_mb(device))
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_run_peak_mb(device) -> float:
+    """Largest CUDA allocation since `reset_cuda_run_peak`, across the engine's per-unit resets."""
+    return max(_cuda_peak["mb"], _cuda_peak_now_mb(device))
 
 
 @dataclass(frozen=True)
@@ -335,7 +368,7 @@ class Learner:
     activation step sizes (Adam `a_lr`, cosine decay to 0), in one optimiser with a group each."""
     rounding: Optional[LearnedRounding]
     a_params: list[torch.Tensor]
-    optimiser: Optional[kernels.Adam]
+    optimiser: Optional[torch.optim.Optimizer]       # kernels.adam: torch's fused Adam, or fakequant.c's on CPU
 
     @classmethod
     def start(cls, unit: Unit, phase: Phase) -> "Learner":
@@ -353,7 +386,7 @@ class Learner:
                     a_params.append(step)
         groups = [{"params": [rounding.alpha], "lr": phase.w_lr}] if rounding is not None else []
         groups += [{"params": a_params, "lr": phase.a_lr, "cosine": phase.a_lr}] if a_params else []
-        return cls(rounding, a_params, kernels.Adam(groups) if groups else None)
+        return cls(rounding, a_params, kernels.adam(groups) if groups else None)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -461,7 +494,8 @@ class Engine:
                         continue
                     module = unit_module(self.gm, unit)
                     if self.device.type == "cuda":   # each unit's record holds its own peak
-                        torch.cuda.reset_peak_memory_stats(self.device)
+                        _reset_cuda_peak(self.device)
+                    compiled = kernels.compile_stats()
                     cache = self._cache_for(k, phase, carried, module)
                     carried = None
                     record = self._optimise(unit, module, cache, phase)
@@ -472,7 +506,12 @@ class Engine:
                     heap.trim()
                     record["rss_mb"] = resident_memory_mb()
                     if self.device.type == "cuda":
-                        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+                        record["cuda_peak_mb"] = _cuda_peak_now_mb(self.device)
+                    if kernels.implementation(self.device) == "compiled":
+                        # graphs and kernels torch.compile made during this unit: none after the first unit, the
+                        # tensors' sizes being dynamic
+                        now = kernels.compile_stats()
+                        record["compiled"] = {key: now[key] - compiled[key] for key in now}
                     if on_unit_done is not None:
                         on_unit_done(p, k)
         return self.history
@@ -526,7 +565,7 @@ class Engine:
         bar = tqdm(range(phase.iters), desc=f"{phase.name} {unit.name}", leave=False, disable=not s.show_progress,
                    mininterval=1.0)
         quantizers = unit.act_quantizers if phase.quant_acts else []
-        with phase_state(self.gm, phase), phase.drop.inside(quantizers):
+        with phase_state(self.gm, phase), phase.drop.inside(quantizers), hostsync.loop():
             for it in bar:
                 batch = Batch(cache, self._draw(n, batch_size), phase, device)
                 with learner.applied(phase, it) as rnd:
@@ -538,15 +577,23 @@ class Engine:
                 losses[it] = loss.detach()
                 learner.step(loss, it, phase)
                 if it % s.log_every == 0 or it == phase.iters - 1:
-                    self._check_finite(losses[checked:it + 1], checked, it, unit, phase)
-                    checked = it + 1
-                    last = {"rec": rec.item(), "round": 0.0 if rnd is None else rnd.item(), "total": loss.item(),
-                            **{k: v.item() for k, v in {**parts, **extra}.items()}}
-                    hist["iter"].append(it)
-                    for key, value in last.items():
-                        hist.setdefault(key, []).append(value)
-                    bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
+                    with hostsync.log_point():
+                        self._check_finite(losses[checked:it + 1], checked, it, unit, phase)
+                        checked = it + 1
+                        values = {"rec": rec, "round": rnd, "total": loss, **parts, **extra}
+                        names = [k for k, v in values.items() if v is not None]
+                        last = {"round": 0.0, **dict(zip(names, self._read([values[k] for k in names])))}
+                        last = {k: last[k] for k in values}      # the history's order: rec, round, total, terms
+                        hist["iter"].append(it)
+                        for key, value in last.items():
+                            hist.setdefault(key, []).append(value)
+                        bar.set_postfix(rec=f"{last['rec']:.4g}", round=f"{last['round']:.4g}")
         return hist
+
+    @staticmethod
+    def _read(values: list[torch.Tensor]) -> list[float]:
+        """The logged scalars in one copy to the host (each as its own dtype's value, as .item() gives it)."""
+        return [float(v) for v in torch.stack([v.detach().reshape(()).double() for v in values]).cpu().tolist()]
 
     def _draw(self, n: int, batch_size: int) -> torch.Tensor:
         if self.settings.batch_draw == "fixed":

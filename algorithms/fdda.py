@@ -18,6 +18,11 @@ After `warmup_epochs` epochs of generator training alone, each iteration also ta
 Quantizers follow the paper: per-channel min/max weight ranges recomputed before every student forward, EMA
 min/max activation ranges observed during the first `act_freeze_epoch` epochs (on generated images while only the
 generator trains) and frozen after.
+
+Host and device: an epoch's iterations read nothing back from the device. The loss terms and accuracies are summed
+there and read once at the epoch's end (the log line, the progress bar), where a non-finite generator or student
+loss is also reported, naming its epoch; the real images are augmented on the host and copied through pinned
+memory.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from ptqkit.algorithms.bns import (batchnorm_layers, bn_input_stats, check_cente
 from ptqkit.algorithms.engine import frozen_parameters
 from ptqkit.algorithms.registry import register
 from ptqkit.errors import ConfigError, NumericalError
+from ptqkit.quant import hostsync, kernels
 from ptqkit.quant import prepare as pq
 from ptqkit.quant.quantizers import act_quantizers, fake_quantizers, quant_state, weight_quantizers
 from ptqkit.schema import spec
@@ -125,7 +131,7 @@ class RealBatches:
             padded = F.pad(x, (4, 4, 4, 4))
             top, left = torch.randint(0, 9, (2,)).tolist()
             x = padded[:, top:top + height, left:left + width]
-        if self.augment != "none" and torch.rand(()) < 0.5:
+        if self.augment != "none" and hostsync.host_float(torch.rand(())) < 0.5:
             x = x.flip(-1)
         return x
 
@@ -139,16 +145,44 @@ class RealBatches:
 
 @dataclass
 class EpochStats:
+    """An epoch's loss terms and accuracies, summed on the device (float64, in order: the sums Python floats would
+    make) and read once, by `means()` at the epoch's end; also whether a generator or student loss was not
+    finite."""
     sums: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    bad: dict = field(default_factory=dict)     # "generator" / "student" -> first non-finite loss (0-dim), or None
 
     def add(self, **values) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def watch(self, what: str, loss: torch.Tensor) -> None:
+        """Remember the first non-finite `loss` of `what`, on the device."""
+        loss = loss.detach().double()
+        seen = self.bad.get(what)
+        self.bad[what] = loss if seen is None else torch.where(torch.isfinite(seen), loss, seen)
+
     def means(self) -> dict:
-        return {k: round(self.sums[k] / self.counts[k], 5) for k in self.sums}
+        keys = list(self.sums)
+        values = [self.sums[k] for k in keys]
+        if any(isinstance(v, torch.Tensor) for v in values):
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).cpu().tolist()
+        return {k: round(v / self.counts[k], 5) for k, v in zip(keys, values)}
+
+    def check(self, epoch: int) -> None:
+        """A non-finite loss of this epoch stops the run (at the epoch's end: the iterations do not wait for it)."""
+        for what, hint in (("generator", "lower algorithm.g_lr or the BNS weights"), ("student", "lower algorithm.lr")):
+            loss = self.bad.get(what)
+            if loss is not None and not bool(torch.isfinite(loss)):
+                raise NumericalError(f"fdda: {what} loss became {float(loss)} in epoch {epoch} ({hint})")
+
+
+def _drawn(t: torch.Tensor, device) -> torch.Tensor:
+    """A draw from torch's CPU generator, moved to `device` without waiting: a seed gives the same latents, labels
+    and noise on every device, as it gives the same masks (a CUDA run then differs from a CPU one by rounding)."""
+    return t.to(device, non_blocking=True)
 
 
 # -------------------------------------------------------------------------------------------- the method
@@ -298,29 +332,32 @@ class FDDA(Algorithm):
                     for group in g_opt.param_groups:
                         group["lr"] = p.g_lr * factor
                 stats = EpochStats()
-                for _ in range(p.iters_per_epoch):
-                    fake = None
-                    if generator is not None:
+                with hostsync.loop():
+                    for _ in range(p.iters_per_epoch):
+                        fake = None
+                        if generator is not None:
+                            start = time.perf_counter()
+                            fake = self._generator_step(gen_state, teacher, epoch, stats)
+                            seconds["generator"] += time.perf_counter() - start
                         start = time.perf_counter()
-                        fake = self._generator_step(gen_state, teacher, epoch, stats)
-                        seconds["generator"] += time.perf_counter() - start
-                    start = time.perf_counter()
-                    if train_student and p.eval_before_finetuning and snapshot is None:
-                        snapshot = self._frozen_copy(qmodel, images[:1].to(device))
-                    if train_student:
-                        self._student_step(qmodel, teacher, real, fake, s_opt, w_quant, a_quant, observe_acts,
-                                           stats, device)
-                        s_sched.step()
-                    elif observe_acts:
-                        # Generator warm-up: the student only sees the inputs, so that its activation ranges
-                        # settle on them (generated images, or the real ones in the ablation).
-                        x = fake[0] if fake is not None else real.next()[0].to(device)
-                        with torch.no_grad():
-                            self._student_forward(qmodel, x, w_quant, a_quant, observe_acts)
-                    seconds["student"] += time.perf_counter() - start
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(stats.means().items())[:4]}, refresh=False)
+                        if train_student and p.eval_before_finetuning and snapshot is None:
+                            with hostsync.log_point():   # once per run
+                                snapshot = self._frozen_copy(qmodel, images[:1].to(device))
+                        if train_student:
+                            self._student_step(qmodel, teacher, real, fake, s_opt, w_quant, a_quant, observe_acts,
+                                               stats, device)
+                            s_sched.step()
+                        elif observe_acts:
+                            # Generator warm-up: the student only sees the inputs, so that its activation ranges
+                            # settle on them (generated images, or the real ones in the ablation).
+                            x = fake[0] if fake is not None else kernels.to_device(real.next()[0], device)
+                            with torch.no_grad():
+                                self._student_forward(qmodel, x, w_quant, a_quant, observe_acts)
+                        seconds["student"] += time.perf_counter() - start
+                        bar.update(1)
+                stats.check(epoch)
                 epoch_means = stats.means()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(epoch_means.items())[:4]}, refresh=False)
                 history.append({"epoch": epoch, **epoch_means})
                 ctx.log.info("fdda epoch %d/%d%s%s: %s", epoch + 1, p.epochs,
                              " [generator only]" if not train_student else "",
@@ -353,7 +390,8 @@ class FDDA(Algorithm):
         high = images.amax(dim=(0, 2, 3))
         generator = ConditionalGenerator(num_classes, p.latent_dim, tuple(images.shape[1:]), low, high,
                                          p.g_width).to(ctx.device).train()
-        optimizer = torch.optim.Adam(generator.parameters(), lr=p.g_lr, betas=tuple(p.g_betas))
+        # fused: its step count lives on the device (the default Adam reads it back on the host every step)
+        optimizer = torch.optim.Adam(generator.parameters(), lr=p.g_lr, betas=tuple(p.g_betas), fused=True)
         centers = self._centers(ctx)
         layers = batchnorm_layers(teacher)
         classes = centers["classes"].tolist()
@@ -387,49 +425,47 @@ class FDDA(Algorithm):
     def _generator_step(self, state: dict, teacher, epoch: int, stats: EpochStats):
         p = self.params
         generator, layers, device = state["generator"], state["layers"], state["running_mean"][0].device
-        z = torch.randn(p.batch_size, p.latent_dim, device=device)
-        y = torch.randint(0, state["num_classes"], (p.batch_size,), device=device)
+        z = _drawn(torch.randn(p.batch_size, p.latent_dim), device)
+        y = _drawn(torch.randint(0, state["num_classes"], (p.batch_size,)), device)
         fake = generator(z, y)
         logits, means, variances = self._teacher_with_stats(teacher, layers, fake)
         all_layers = range(len(layers))
         ce = F.cross_entropy(logits, y)
         bns = bns_distance(means, variances, state["running_mean"], state["running_var"], all_layers)
         loss = p.ce_weight * ce + p.bns_weight * bns
-        terms = {"g_ce": ce.item(), "g_bns": bns.item()}
+        terms = {"g_ce": ce, "g_bns": bns}
 
         if p.dbns_weight or p.cbns_weight or p.single_ce_weight:
             pool = sorted(state["trusted"]) if epoch > p.trust_epoch else state["classes"]
-            cls = pool[int(torch.randint(len(pool), ()))]
+            cls = pool[hostsync.host_int(torch.randint(len(pool), ()))]
             ys = torch.full((p.batch_size,), cls, device=device, dtype=torch.long)
             logits_c, means_c, vars_c = self._teacher_with_stats(
-                teacher, layers, generator(torch.randn(p.batch_size, p.latent_dim, device=device), ys))
+                teacher, layers, generator(_drawn(torch.randn(p.batch_size, p.latent_dim), device), ys))
             k = state["center_index"][cls]
             deep = range(state["start"], len(layers))
             c_mean = [m[k] for m in state["center_mean"]]
             c_var = [v[k] for v in state["center_var"]]
             if cls in state["trusted"]:
-                d_mean = [m + p.dbns_mean_sigma * torch.randn_like(m) for m in c_mean]
-                d_var = [v + p.dbns_var_sigma * torch.randn_like(v) for v in c_var]
+                d_mean = [m + p.dbns_mean_sigma * _drawn(torch.randn(m.shape), m.device) for m in c_mean]
+                d_var = [v + p.dbns_var_sigma * _drawn(torch.randn(v.shape), v.device) for v in c_var]
                 dbns = bns_distance(means_c, vars_c, d_mean, d_var, deep)
                 cbns = bns_distance(means_c, vars_c, c_mean, c_var, deep)
             else:
                 # Reference: the centers of a class the teacher gets wrong are not trusted; early on such a
                 # class is pulled towards unit-normal noise statistics on every layer instead.
-                noise_mean = [torch.randn_like(m) for m in c_mean]
-                noise_var = [torch.randn_like(v) for v in c_var]
+                noise_mean = [_drawn(torch.randn(m.shape), m.device) for m in c_mean]
+                noise_var = [_drawn(torch.randn(v.shape), v.device) for v in c_var]
                 dbns = 2.0 * bns_distance(means_c, vars_c, noise_mean, noise_var, all_layers)
                 cbns = torch.zeros((), device=device)
             sce = F.cross_entropy(logits_c, ys)
             loss = loss + p.dbns_weight * dbns + p.cbns_weight * cbns + p.single_ce_weight * sce
-            terms.update(g_dbns=dbns.item(), g_cbns=cbns.item(), g_sce=sce.item())
+            terms.update(g_dbns=dbns, g_cbns=cbns, g_sce=sce)
 
-        if not torch.isfinite(loss):
-            raise NumericalError(f"fdda: generator loss became {loss.item()} at epoch {epoch} "
-                                 "(lower algorithm.g_lr or the BNS weights)")
+        stats.watch("generator", loss)
         state["optimizer"].zero_grad(set_to_none=True)
         loss.backward()
         state["optimizer"].step()
-        stats.add(g_loss=loss.item(), g_acc=(logits.argmax(1) == y).float().mean().item() * 100, **terms)
+        stats.add(g_loss=loss, g_acc=(logits.argmax(1) == y).float().mean().double() * 100, **terms)
         return fake.detach(), y, logits.detach()
 
     @torch.no_grad()
@@ -475,7 +511,7 @@ class FDDA(Algorithm):
                       observe_acts: bool, stats: EpochStats, device) -> None:
         p = self.params
         x, y = real.next()
-        x, y = x.to(device), y.to(device)
+        x, y = kernels.to_device(x, device), kernels.to_device(y, device)
         with torch.no_grad():
             t_logits = teacher(x)
         if fake is not None:
@@ -483,12 +519,11 @@ class FDDA(Algorithm):
             x, y, t_logits = torch.cat([x, fake_x]), torch.cat([y, fake_y]), torch.cat([t_logits, fake_logits])
         logits = self._student_forward(qmodel, x, w_quant, a_quant, observe_acts)
         loss = kd_loss(logits, t_logits, y, p.temperature, p.alpha)
-        if not torch.isfinite(loss):
-            raise NumericalError(f"fdda: student loss became {loss.item()} (lower algorithm.lr)")
+        stats.watch("student", loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        stats.add(s_loss=loss.item(), s_acc=(logits.argmax(1) == y).float().mean().item() * 100)
+        stats.add(s_loss=loss, s_acc=(logits.argmax(1) == y).float().mean().double() * 100)
 
     def _frozen_copy(self, qmodel, sample) -> nn.Module:
         snapshot = copy.deepcopy(qmodel)

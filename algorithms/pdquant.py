@@ -42,7 +42,7 @@ from ptqkit.algorithms.reconstruction import Part
 from ptqkit.quant.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
 from ptqkit.algorithms.registry import register
 from ptqkit.errors import ConfigError
-from ptqkit.quant import kernels
+from ptqkit.quant import hostsync, kernels
 from ptqkit.schema import spec
 
 log = logging.getLogger(__name__)
@@ -105,20 +105,21 @@ def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: tor
 
     Per step the BN term goes through autograd (the probe and the per-sample statistics); the constraint
     ||x̂ − x||² / lamb_c and its gradient are one fused pass added to x̂'s gradient, and Adam is one pass too: on CPU
-    each elementwise pass over x̂ costs a tenth of the probe."""
-    corrected, outputs, before, after = [], [], 0.0, 0.0
+    each elementwise pass over x̂ costs a tenth of the probe. The plateau schedule runs on the device and the
+    distances are summed there: the steps read nothing back, the two means are read once at the end."""
+    corrected, outputs, before, after = [], [], [], []
     probe = bn_probe(module, bns)
     with fp_mode(module):
         for start in range(0, len(fp_in), params.dc_batch):
             x = fp_in[start:start + params.dc_batch].to(device, torch.float32).contiguous()
             x_hat = x.clone().requires_grad_(True)
-            opt = kernels.Adam([{"params": [x_hat], "lr": params.bn_lr}])
+            opt = kernels.adam([{"params": [x_hat], "lr": params.bn_lr}])
             plateau = kernels.Plateau(opt, patience=DC_PATIENCE, min_lr=DC_MIN_LR)
             # reconstruction_loss(x̂, x, 2): summed over channels, averaged over samples and positions
             positions = x.numel() // x.shape[1]
             with torch.no_grad():
-                before += bn_distance(probe(x), bns).item()
-            with torch.enable_grad():
+                before.append(bn_distance(probe(x), bns).detach())
+            with torch.enable_grad(), hostsync.loop():
                 for _ in range(params.dc_steps):
                     bn_loss = bn_distance(probe(x_hat), bns)
                     opt.zero_grad()
@@ -126,13 +127,16 @@ def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: tor
                     constraint = kernels.sqdist_grad_(x_hat.detach(), x, x_hat.grad,
                                                       2.0 / (params.lamb_c * positions))
                     opt.step()
-                    plateau.step(bn_loss.item() + constraint / (params.lamb_c * positions))
+                    plateau.step(bn_loss.detach().double() + constraint.to(bn_loss.device) /
+                                 (params.lamb_c * positions))
             with torch.no_grad():
                 outputs.append(module(x_hat).to(store_device, dtype))
-                after += bn_distance(probe(x_hat), bns).item()
+                after.append(bn_distance(probe(x_hat), bns).detach())
             corrected.append(x_hat.detach().to(store_device, dtype))
     chunks = len(corrected)
-    return torch.cat(corrected), torch.cat(outputs), before / chunks, after / chunks
+    # float32 distances summed in double, in order, as Python floats would be
+    before, after = torch.stack(before).double().cpu().tolist(), torch.stack(after).double().cpu().tolist()
+    return torch.cat(corrected), torch.cat(outputs), sum(before) / chunks, sum(after) / chunks
 
 
 class PredictionDifferenceHooks(Hooks):
@@ -163,14 +167,14 @@ class PredictionDifferenceHooks(Hooks):
         else:
             # The reference runs the unit on [mixed input; quantized input] in one batch and feeds the second half
             # on: the quantized input, activation drop still on. `rerun_nodrop` keeps every quantizer.
-            q_in = self.cache.q_in[idx].to(out_q.device, torch.float32)
+            q_in = kernels.gather_rows(self.cache.q_in, idx, out_q.device)
             drop = keep_probability(unit.act_quantizers, 1.0) if p.output == "rerun_nodrop" else \
                 contextlib.nullcontext()
             with drop:
                 out = self.module(q_in)
         with quant_state(self.suffix, only=self.suffix_quantizers, quantize=False):
             z_q = self.suffix(out)
-        z_fp = self.fp_logits[idx].to(z_q.device, torch.float32)
+        z_fp = kernels.gather_rows(self.fp_logits, idx, z_q.device)
         return {"pd": prediction_difference(z_q, z_fp, p.T) / p.lamb_r}
 
     def unit_end(self, unit):

@@ -8,9 +8,10 @@ channel i of conv1 with its BN folded in; r2_i: of conv2's input channel i), so 
 sqrt(r1_i · r2_i); the network computes the same function (ReLU is positively homogeneous). Pairs are swept
 until the scales settle. Where a BN follows conv1 the division goes into the BN's γ and β (the convolution's
 weights stay, and BN stays for PD-Quant's correction); with `quant.fold_bn: true` the folded weights are then
-the equalized ones. ReLU6 is not homogeneous: the paper replaces it by ReLU, which on the shared MobileNetV2 costs
-10 points of FP32 top-1 (79.5 → 69.5 on 200 images); here a ReLU6 in an equalized pair becomes a ReLU clipped
-per channel at 6 / s_i (`ChannelClippedReLU`), so the equalized network computes exactly the original function.
+the equalized ones. ReLU6 is not homogeneous: the paper replaces it by ReLU, which on the ImageNet sample asset's
+MobileNetV2 costs 10 points of FP32 top-1 (79.5 → 69.5 on 200 images); here a ReLU6 in an equalized pair becomes
+a ReLU clipped per channel at 6 / s_i (`ChannelClippedReLU`), so the equalized network computes exactly the
+original function.
 Depthwise convolutions take part on either side.
 
 `bias_correction` — empirical, after calibration: layer by layer in network order, the mean over images and
@@ -40,11 +41,13 @@ PREPASSES = ("cle", "bias_correction")
 
 
 class ChannelClippedReLU(nn.Module):
-    """min(max(x, 0), upper_c) per channel: a ReLU6 after its input channels were divided by s_c (upper = 6 / s)."""
+    """min(max(x, 0), upper_c) per channel: a ReLU6 after its input channels were divided by s_c (upper = 6 / s).
+    `like`: a tensor of the model it goes into (its conv's weight), whose device and dtype the bounds take."""
 
-    def __init__(self, channels: int, upper: float = 6.0):
+    def __init__(self, channels: int, upper: float = 6.0, like: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("upper", torch.full((channels,), float(upper)))
+        kind = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        self.register_buffer("upper", torch.full((channels,), float(upper), **kind))
 
     def forward(self, x):
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -150,8 +153,9 @@ def equalize(model: nn.Module, leaf_modules=(), sweeps: int = 20, tol: float = 1
     modules = dict(model.named_modules())
     relu6 = sorted({act for _, _, act, _ in pairs if act is not None and isinstance(modules[act], nn.ReLU6)})
     for name in relu6:
-        channels = next(modules[c1].out_channels for c1, _, act, _ in pairs if act == name)
-        _set_module(model, name, ChannelClippedReLU(channels, modules[name].max_val))
+        conv = next(modules[c1] for c1, _, act, _ in pairs if act == name)
+        # on the model's device and in its dtype: a CUDA model's scales meet these bounds in place
+        _set_module(model, name, ChannelClippedReLU(conv.out_channels, modules[name].max_val, like=conv.weight))
     modules = dict(model.named_modules())
     before = _spread(pairs, modules)
     for sweep in range(sweeps):

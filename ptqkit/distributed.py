@@ -25,6 +25,8 @@ import mqbench.utils.utils as mq_utils
 import torch
 import torch.distributed as dist
 
+from ptqkit.errors import ConfigError
+
 MERGEABLE_OBSERVERS = ("minmax", "mse", "hist_mse")
 ReduceOp = dist.ReduceOp
 
@@ -47,21 +49,30 @@ def launched() -> bool:
 
 
 def init(device_name: str) -> torch.device | None:
-    """Join the process group torchrun prepared; return the device of this process (None: not launched)."""
+    """Join the process group torchrun prepared; return the device of this process (None: not launched).
+    `runtime.device: cuda` where no GPU is visible is refused, as in a single process (one line, exit 2), not run
+    on the CPU over gloo."""
     if not launched():
         return None
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device", "cpu or auto (no CUDA device is visible)", device_name)
     cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        # This process's GPU before the NCCL group: the communicator is then built on it, not on GPU 0 by
+        # every process (device_id binds it at once).
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     # MQBench averages scales over processes inside every observed forward when it sees a process group at import
     # time: a hidden collective that deadlocks when processes observe different numbers of batches. Ranges are
     # merged here instead (union, as one process would get them).
     mq_utils.USE_DDP = False
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    return device
 
 
 def shutdown() -> None:
@@ -135,17 +146,19 @@ def average_gradients(params) -> None:
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:
-    """The concatenation, in rank order, of every process's `t` (first dimension may differ), where `t` lives."""
+    """The concatenation, in rank order, of every process's `t` (first dimension may differ), where `t` lives.
+    Everything stays on the backend's device (the GPU for NCCL); the sizes come to the host in one read."""
     if world_size() == 1:
         return t
     sizes = [to_backend(torch.zeros(1, dtype=torch.long)) for _ in range(world_size())]
     dist.all_gather(sizes, to_backend(torch.tensor([len(t)])))
-    largest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((largest,) + tuple(t.shape[1:]), dtype=t.dtype)
-    padded[:len(t)] = t.cpu()
+    counts = torch.cat(sizes).cpu().tolist()       # the padding's length must be known on the host: one read
+    mine = to_backend(t)
+    padded = to_backend(mine.new_zeros((max(counts),) + tuple(t.shape[1:])))
+    padded[:len(t)] = mine
     parts = [to_backend(torch.empty_like(padded)) for _ in range(world_size())]
-    dist.all_gather(parts, to_backend(padded))
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(t.device)
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(t.device)
 
 
 def all_gather_object(obj) -> list:

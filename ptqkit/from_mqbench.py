@@ -47,7 +47,9 @@ def _as_ours(q: QuantizeBase, cls: type) -> QuantizeBase:
         new._buffers["scale"] = scale.detach().clone()
         new.adaround = False
     new._buffers["zero_point"] = zero_point.detach().clone().to(torch.int)
-    new.observer_enabled[0], new.fake_quant_enabled[0] = 0, 1
+    new.read_switches()            # built without __init__: its Python switches come from the copied buffers
+    new.disable_observer()
+    new.enable_fake_quant()
     return new
 
 

@@ -64,5 +64,5 @@ def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for q in quantizers.values():
         # The fake-quant switches come back from the state as saved; observing would move the loaded ranges.
-        q.observer_enabled[0] = 0
+        q.disable_observer()
     return qmodel.to(device).eval(), cfg

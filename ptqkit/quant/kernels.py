@@ -5,17 +5,25 @@ Why: on CPU, reconstruction is bound by memory passes over activation-sized tens
 arithmetic alone. In torch ops a dropped LSQ fake quantizer takes about a dozen passes forward and three backward;
 `fakequant.c` takes one each (benchmarks/results/reconstruction_speed.md has the breakdown).
 
-Two implementations with the same values:
-- `fakequant.c`, compiled at first use with the system C compiler into the per-user cache (`ptqkit.cache`:
-  `PTQKIT_CACHE`, default `~/.cache/ptqkit`), for contiguous float32 CPU tensors;
-- the same arithmetic in torch ops, for everything else (CUDA, other dtypes) and where no compiler is found
-  (`PTQKIT_KERNELS=0` forces it).
-The keep mask is a counter-based hash of (key, element index) — SplitMix64, see fakequant.c — so both give the
-same mask for the same key, whatever the device or thread count. A key is drawn from torch's default generator for
-every call, so `torch.manual_seed` fixes the masks and a saved random state replays them.
+Three implementations with the same values, chosen per device by `implementation()` (`PTQKIT_KERNELS`):
+- `c`: `fakequant.c`, compiled at first use with the system C compiler into the per-user cache (`ptqkit.cache`:
+  `PTQKIT_CACHE`, default `~/.cache/ptqkit`), for contiguous float32 CPU tensors; the default on CPU;
+- `compiled`: the torch-ops formulas of the fake quantizer (forward, backward), the keep mask, the input mix and
+  the soft rounding through `torch.compile` (inductor: Triton on CUDA, C++ on the CPU), on flat tensors with their
+  length marked dynamic, so that a new batch size or feature-map size does not compile again; the default on CUDA
+  (benchmarks/fakequant_compile.py measures it against `c` on the CPU);
+- `torch`: the same arithmetic in plain torch ops (`PTQKIT_KERNELS=torch`, or `0`), everywhere, for debugging.
+`using(name)` selects one for a block of code.
+On the torch paths every scalar stays a tensor on the device (zero point, step gradient, regulariser, mask key),
+so that no kernel call reads the device from the host (ptqkit.quant.hostsync).
+The keep mask is a counter-based hash of (key, element index) — SplitMix64, see fakequant.c — so all three give the
+same mask for the same key, whatever the device, thread count or tensor layout. A key is drawn from torch's default
+(CPU) generator for every call, as a 0-dim int64 tensor, so `torch.manual_seed` fixes the masks and a saved random
+state replays them on either device.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -23,12 +31,14 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 
 import torch
 
 from ptqkit.cache import cache_dir
+from ptqkit.quant import hostsync
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,8 @@ _GAMMA = 0x9E3779B97F4A7C15
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 _LIBS = ("-lm",)     # with glibc, also libmvec: the vector expf/powf of the rounding kernel
+_MASK64 = (1 << 64) - 1
+IMPLEMENTATIONS = ("c", "compiled", "torch")
 
 
 def _signed(v: int) -> int:
@@ -67,11 +79,15 @@ def _compile(compiler: str, target: str) -> None:
             os.remove(tmp)
 
 
-@lru_cache(maxsize=1)
 def library():
-    """The compiled kernels (ctypes), or None where they cannot be had; the reason is logged once."""
-    if os.environ.get("PTQKIT_KERNELS", "1") == "0":
-        return None
+    """The compiled kernels (ctypes), or None where they cannot be had (the reason is logged once) or where
+    PTQKIT_KERNELS asks for torch ops."""
+    return None if _requested() == "torch" else _built()
+
+
+@lru_cache(maxsize=1)
+def _built():
+    # cached apart from the PTQKIT_KERNELS check: a process that once asked for torch ops may ask for C later
     if platform.system() != "Linux":
         log.info("fused fake-quant kernels: only built on Linux; using torch ops")
         return None
@@ -116,9 +132,59 @@ def library():
     return lib
 
 
+_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """Inside: every kernel call in this process takes implementation `name` (auto, c, compiled, torch) whatever
+    PTQKIT_KERNELS says: the acceptance script and the benchmarks put the implementations side by side."""
+    if name not in IMPLEMENTATIONS + ("auto",):
+        raise ValueError(f"kernel implementation {name!r}: expected one of auto, {', '.join(IMPLEMENTATIONS)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _requested() -> str:
+    """`using(...)`, else PTQKIT_KERNELS: auto (unset; also 1), c, compiled, torch (also 0)."""
+    if _forced:
+        return _forced[-1]
+    value = os.environ.get("PTQKIT_KERNELS", "auto").strip().lower()
+    value = {"0": "torch", "1": "auto", "": "auto"}.get(value, value)
+    if value not in IMPLEMENTATIONS + ("auto",):
+        _warn_once(f"PTQKIT_KERNELS={value!r} is not one of auto, c, compiled, torch; using auto")
+        return "auto"
+    return value
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def implementation(device) -> str:
+    """Which implementation serves tensors on `device`: `c` (CPU only, where it is built), `compiled` or `torch`.
+    auto and c: the C kernels on the CPU, else torch ops there; torch.compile on CUDA. compiled, torch: that one
+    on every device. A compiled kernel that fails to build falls back to torch ops, with one warning."""
+    device = torch.device(device)
+    choice = _requested()
+    if choice in ("auto", "c"):
+        if device.type == "cpu":
+            return "c" if library() is not None else "torch"
+        choice = "compiled" if device.type == "cuda" else "torch"
+    return choice
+
+
 def _native(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and \
-        library() is not None
+        implementation("cpu") == "c"
 
 
 # ---------------------------------------------------------------------------------------------- the mask
@@ -127,9 +193,22 @@ def threshold(keep_prob: float) -> int:
     return max(0, min(KEEP_ALL, int(round(keep_prob * KEEP_ALL))))
 
 
-def new_key() -> int:
-    """A 64-bit mask key from torch's default generator."""
-    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64)) & (2 ** 64 - 1)
+def new_key() -> torch.Tensor:
+    """A 64-bit mask key from torch's default (CPU) generator, as a 0-dim int64 tensor: the torch paths use it as
+    it is (moved to the device without waiting), the C kernels read its bits on the host."""
+    return torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64)
+
+
+def _key_int(key) -> int:
+    """The key's 64 bits as the unsigned integer the C kernels take."""
+    return (hostsync.host_int(key) if isinstance(key, torch.Tensor) else int(key)) & _MASK64
+
+
+def _key_on(key, device) -> torch.Tensor | int:
+    """An int key as it is; a key tensor on `device` (a copy that does not wait, where it moves)."""
+    if isinstance(key, torch.Tensor):
+        return key.to(device, non_blocking=True)
+    return key
 
 
 def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,7 +218,8 @@ def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
 def draws(n: int, key: int, device) -> torch.Tensor:
     """The 16-bit draws of elements 0..n-1 (int32), in torch ops: fakequant.c's `draws`."""
     words = (n + 3) // 4
-    z = _signed(key) + torch.arange(words, dtype=torch.int64, device=device) * _signed(_GAMMA)
+    base = _key_on(key, device) if isinstance(key, torch.Tensor) else _signed(key)
+    z = base + torch.arange(words, dtype=torch.int64, device=device) * _signed(_GAMMA)
     z = (z ^ _lsr(z, 30)) * _signed(_M1)
     z = (z ^ _lsr(z, 27)) * _signed(_M2)
     z = z ^ _lsr(z, 31)
@@ -147,7 +227,7 @@ def draws(n: int, key: int, device) -> torch.Tensor:
     return parts.reshape(-1)[:n].to(torch.int32)
 
 
-def keep_mask(shape, keep_prob: float, device, key: int | None = None) -> torch.Tensor:
+def keep_mask(shape, keep_prob: float, device, key: torch.Tensor | int | None = None) -> torch.Tensor:
     """Bool mask, each element True with probability `keep_prob` (to 1/65536)."""
     key = new_key() if key is None else key
     n = 1
@@ -155,31 +235,82 @@ def keep_mask(shape, keep_prob: float, device, key: int | None = None) -> torch.
         n *= int(s)
     thr = threshold(keep_prob)
     device = torch.device(device)
-    lib = library() if device.type == "cpu" else None
-    if lib is not None:
+    impl = implementation(device)
+    if device.type == "cpu" and impl == "c":
         out = torch.empty(shape, dtype=torch.uint8)
-        lib.ptq_keep_mask(out.data_ptr(), n, key, thr, torch.get_num_threads())
+        library().ptq_keep_mask(out.data_ptr(), n, _key_int(key), thr, torch.get_num_threads())
         return out.view(torch.bool)
+    if impl == "compiled" and n > 1:
+        out = _run_compiled("mask", n, _key_on(_key_tensor(key, device), device), thr)
+        if out is not None:
+            return out.reshape(shape)
     return (draws(n, key, device) < thr).reshape(shape)
 
 
+def _mix(a: torch.Tensor, b: torch.Tensor, key, thr: int) -> torch.Tensor:
+    """where(keep, a, b) over the elements of a (and b, of a's shape): the torch-ops mix."""
+    return torch.where((draws(a.numel(), key, a.device) < thr).view(a.shape), a, b)
+
+
 def mix_rows(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, keep_prob: float, device,
-             key: int | None = None) -> torch.Tensor:
+             key: torch.Tensor | int | None = None) -> torch.Tensor:
     """where(keep_mask, a[rows], b[rows]) in float32 on `device`: QDrop's unit-input mix, drawn straight from
     the two caches (no gathered copies of either)."""
     key = new_key() if key is None else key
     thr = threshold(keep_prob)
     device = torch.device(device)
-    if device.type == "cpu" and _native(a, b):
+    impl = implementation(device)
+    if device.type == "cpu" and impl == "c" and _native(a, b):
         rows = rows.to(torch.int64).contiguous()
         out = torch.empty((len(rows),) + tuple(a.shape[1:]), dtype=torch.float32)
         width = out[0].numel() if len(rows) else 0
         library().ptq_mix_rows(a.data_ptr(), b.data_ptr(), rows.data_ptr(), len(rows), width, out.data_ptr(),
-                               key, thr, torch.get_num_threads())
+                               _key_int(key), thr, torch.get_num_threads())
         return out
-    qa = a[rows].to(device, torch.float32, non_blocking=True)
-    qb = b[rows].to(device, torch.float32, non_blocking=True)
-    return torch.where(keep_mask(qa.shape, keep_prob, device, key), qa, qb)
+    qa, qb = gather_rows(a, rows, device), gather_rows(b, rows, device)
+    if impl == "compiled" and qa.numel() > 1:
+        out = _run_compiled("mix", _flat(qa), _flat(qb), _key_on(_key_tensor(key, device), device), thr)
+        if out is not None:
+            return out.view(qa.shape)
+    return _mix(qa, qb, key, thr)
+
+
+# ------------------------------------------------------------------------------------------ host and device
+def pinned_staging(store_device, compute_device) -> bool:
+    """Whether rows gathered from a cache on `store_device` for `compute_device` go through pinned host memory:
+    a cache held on the CPU (algorithm.cache_device cpu) for a CUDA model. A copy from pinned memory runs without
+    the host waiting for it, and at the link's full speed; from ordinary (pageable) memory the driver first copies
+    it once more on the host."""
+    return torch.device(store_device).type == "cpu" and torch.device(compute_device).type == "cuda"
+
+
+def gather_rows(cached: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+    """Rows `idx` of a cached tensor, as float32 on `device`, without the host waiting: on the device, the index
+    goes there; from a CPU cache to a GPU, the rows are gathered into pinned memory and copied asynchronously (the
+    pinned block is not reused before the copy is done: torch's caching host allocator records it)."""
+    device = torch.device(device)
+    if pinned_staging(cached.device, device):
+        staged = _pinned_empty((len(idx),) + tuple(cached.shape[1:]), cached.dtype)
+        torch.index_select(cached, 0, idx.to(torch.int64), out=staged)
+        # in the cache's dtype over the link (half the bytes for a float16 cache), converted on the device
+        return staged.to(device, non_blocking=True).to(torch.float32)
+    if cached.device.type != "cpu":
+        rows = cached.index_select(0, idx.to(cached.device, non_blocking=True))
+        # towards the CPU the copy must be complete before the host reads it: a blocking copy
+        return rows.to(device, torch.float32, non_blocking=device.type != "cpu")
+    return cached[idx].to(device, torch.float32)
+
+
+def _pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`; from the CPU to a GPU through pinned memory, without the host waiting for the copy."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and pinned_staging(t.device, device):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ------------------------------------------------------------------------------------- fake quantization
@@ -215,24 +346,40 @@ def _reference_backward(code, g, need_scale_grad):
     return gx, gs
 
 
-def _forward(x, scale, lo, hi, key, thr, train, stop_at_bounds=False):
-    if _native(x):
+def _forward(x, scale, lo, hi, key, thr, train, stop_at_bounds=False, impl=None):
+    """(out, code) of the training forward (code None when not `train`). `impl` None: the C kernel where it
+    applies, else torch ops."""
+    if impl is None:
+        impl = "c" if _native(x) else "torch"
+    if impl == "c" and _native(x):
         out = torch.empty_like(x)
         code = torch.empty_like(x) if train else None
         library().ptq_fq_forward(x.data_ptr(), out.data_ptr(), code.data_ptr() if train else None, x.numel(),
-                                 float(scale), lo, hi, key, thr, int(stop_at_bounds), torch.get_num_threads())
+                                 hostsync.host_float(scale), float(lo), float(hi), 0 if key is None else _key_int(key),
+                                 thr, int(stop_at_bounds), torch.get_num_threads())
         return out, code
-    return _reference_forward(x, scale.detach(), lo, hi, key, thr, train, stop_at_bounds)
+    scale = scale.detach()
+    if impl == "compiled" and x.numel() > 1:
+        key_t = _key_on(_key_tensor(key, x.device), x.device) if thr < KEEP_ALL else None
+        if train:
+            res = _run_compiled("train", _flat(x), scale, lo, hi, key_t, thr, bool(stop_at_bounds))
+            if res is not None:
+                return res[0].view(x.shape), res[1].view(x.shape)
+        else:
+            res = _run_compiled("infer", _flat(x), scale, lo, hi, key_t, thr)
+            if res is not None:
+                return res.view(x.shape), None
+    return _reference_forward(x, scale, lo, hi, key, thr, train, stop_at_bounds)
 
 
 class _ActFakeQuant(torch.autograd.Function):
     """keep ? clamp(round(x / s), qmin - z, qmax - z) · s : x, with the LSQ step gradient (fakequant.c)."""
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, key, thr, stop_at_bounds):
-        out, code = _forward(x, scale, lo, hi, key, thr, train=True, stop_at_bounds=stop_at_bounds)
+    def forward(ctx, x, scale, lo, hi, key, thr, stop_at_bounds, impl):
+        out, code = _forward(x, scale, lo, hi, key, thr, train=True, stop_at_bounds=stop_at_bounds, impl=impl)
         ctx.save_for_backward(code)
-        ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
+        ctx.scale_shape, ctx.scale_dtype, ctx.impl = scale.shape, scale.dtype, impl
         return out
 
     @staticmethod
@@ -240,15 +387,19 @@ class _ActFakeQuant(torch.autograd.Function):
         (code,) = ctx.saved_tensors
         need_scale_grad = ctx.needs_input_grad[1]
         g = g.contiguous()
-        if _native(code, g):
+        if ctx.impl == "c" and _native(code, g):
             gx = torch.empty_like(g)
             gs = library().ptq_fq_backward(code.data_ptr(), g.data_ptr(), gx.data_ptr(), g.numel(),
                                            int(need_scale_grad), torch.get_num_threads())
-        else:
-            gx, gs = _reference_backward(code, g, need_scale_grad)
-        gs = torch.full(ctx.scale_shape, float(gs), dtype=ctx.scale_dtype, device=g.device) \
-            if need_scale_grad else None
-        return gx, gs, None, None, None, None, None
+            gs = torch.full(ctx.scale_shape, gs, dtype=ctx.scale_dtype, device=g.device) if need_scale_grad else None
+            return gx, gs, None, None, None, None, None, None
+        res = None
+        if ctx.impl == "compiled" and g.numel() > 1:
+            res = _run_compiled("backward", _flat(code), _flat(g), bool(need_scale_grad))
+        gx, gs = (res[0].view(g.shape), res[1]) if res is not None else _reference_backward(code, g, need_scale_grad)
+        # the step gradient stays on the device (a double sum, rounded once to the step's dtype)
+        gs = gs.to(ctx.scale_dtype).reshape(ctx.scale_shape) if need_scale_grad else None
+        return gx, gs, None, None, None, None, None, None
 
 
 def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
@@ -257,15 +408,123 @@ def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     probability `keep_prob` (QDrop) and passed through otherwise; differentiable in `x` and `scale`.
     `stop_at_bounds`: an element rounded onto the lowest or highest level is treated as clipped in the backward
     (fakequant.c's header)."""
-    zp = float(zero_point)
-    lo, hi = float(quant_min) - zp, float(quant_max) - zp
     thr = threshold(keep_prob)
-    key = new_key() if thr < KEEP_ALL else 0
+    key = new_key() if thr < KEEP_ALL else None
+    impl = implementation(x.device)
     if x.device.type == "cpu" and x.dtype == torch.float32 and not x.is_contiguous():
         x = x.contiguous()
+    if impl == "c" and _native(x):
+        zp = hostsync.host_float(zero_point)      # the C kernel takes its scalars on the host (a CPU tensor)
+        lo, hi = float(quant_min) - zp, float(quant_max) - zp
+    else:
+        impl = "compiled" if impl == "compiled" else "torch"
+        zp = zero_point.to(x.dtype)               # integers: exact in float, and no read of the device
+        lo, hi = quant_min - zp, quant_max - zp
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _ActFakeQuant.apply(x, scale, lo, hi, key, thr, bool(stop_at_bounds))
-    return _forward(x, scale.detach(), lo, hi, key, thr, train=False)[0]
+        return _ActFakeQuant.apply(x, scale, lo, hi, key, thr, bool(stop_at_bounds), impl)
+    return _forward(x, scale.detach(), lo, hi, key, thr, train=False, impl=impl)[0]
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+_compile_failed: set[str] = set()     # graphs torch.compile could not build here: torch ops from then on
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s elements as a 1-d tensor on the same memory that is not a view: torch.compile guards on a view's
+    base, whose shape changes from unit to unit (a recompile each), not on a plain tensor's."""
+    t = t.contiguous()
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+def _key_tensor(key, device) -> torch.Tensor | None:
+    """A key as a 0-dim int64 tensor (an int key, as tests give, becomes one)."""
+    if key is None or isinstance(key, torch.Tensor):
+        return key
+    return torch.tensor(_signed(int(key) & _MASK64), dtype=torch.int64)
+
+
+def _fq_train_flat(x, scale, lo, hi, key, thr: int, stop_at_bounds: bool):
+    return _reference_forward(x, scale, lo, hi, key, thr, True, stop_at_bounds)
+
+
+def _fq_infer_flat(x, scale, lo, hi, key, thr: int):
+    return _reference_forward(x, scale, lo, hi, key, thr, False)[0]
+
+
+def _mask_flat(n: int, key, thr: int):
+    return draws(n, key, key.device) < thr
+
+
+_COMPILABLE = {"train": _fq_train_flat, "infer": _fq_infer_flat, "backward": _reference_backward, "mix": _mix,
+               "mask": _mask_flat, "soft": lambda *args: _reference_soft(*args)}
+
+
+@lru_cache(maxsize=None)
+def _compiled(name: str):
+    # One graph per function and flag combination: the tensors are flat, their one dimension marked dynamic
+    # (_run_compiled), so units of other batch or feature-map sizes reuse it.
+    return torch.compile(_COMPILABLE[name], fullgraph=True, dynamic=None)
+
+
+def _run_compiled(name: str, *args):
+    """The compiled kernel's result, or None once torch.compile has failed here (torch ops from then on)."""
+    if name in _compile_failed:
+        return None
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() == 1 and a.numel() > 1:
+            torch._dynamo.mark_dynamic(a, 0)
+    try:
+        with torch.no_grad():   # kernels, not autograd: their gradients are _ActFakeQuant's (grad mode is a guard)
+            return _compiled(name)(*args)
+    except Exception as exc:  # a missing compiler or Triton, an inductor bug: the torch ops compute the same
+        _compile_failed.add(name)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("torch.compile of the %s kernel failed (%s: %s); using torch ops", name, type(exc).__name__,
+                    reason[:300])
+        return None
+
+
+def warm_up(device) -> dict:
+    """Compile (on CUDA also autotune) the graphs the loops use, on small tensors, so that no loop compiles: the
+    tensors' length being dynamic, the graphs serve every size after. Nothing happens unless `device` takes the
+    compiled kernels. Returns `compile_stats()`; `compile_failed()` says whether torch.compile worked here."""
+    device = torch.device(device)
+    if implementation(device) != "compiled":
+        return compile_stats()
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 17, 19, generator=gen) * 4).to(device)
+    scale = torch.tensor([0.5], device=device)
+    zero_point = torch.zeros(1, dtype=torch.int, device=device)
+    for keep_prob in (1.0, 0.5):
+        for stop in (False, True):
+            for learn_step in (True, False):
+                xr, s = x.clone().requires_grad_(), scale.clone().requires_grad_(learn_step)
+                act_fake_quant(xr, s, zero_point, 0, 15, keep_prob, stop).sum().backward()
+        with torch.no_grad():
+            act_fake_quant(x, scale, zero_point, 0, 15, keep_prob)
+    mix_rows(x, x + 1, torch.tensor([1, 0]), 0.5, device)
+    keep_mask(x.shape, 0.5, device)
+    w = x.reshape(-1)
+    for beta in (None, 20.0):
+        alpha = torch.randn(w.shape, generator=gen).to(device).requires_grad_()
+        out, penalty = soft_rounding(alpha, torch.floor(w), torch.ones_like(w), torch.zeros_like(w),
+                                     torch.full_like(w, -4.0), torch.full_like(w, 3.0), beta)
+        (out.sum() + penalty).backward()
+    return compile_stats()
+
+
+def compile_failed() -> list[str]:
+    """The graphs torch.compile failed to build in this process (they run as torch ops)."""
+    return sorted(_compile_failed)
+
+
+def compile_stats() -> dict:
+    """Graphs torch.compile has made in this process, and the kernels inductor generated for them: read before and
+    after a unit, the difference says whether the unit compiled anything (it should not after the first)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    metrics = sys.modules.get("torch._inductor.metrics")
+    return {"graphs": int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0,
+            "kernels": int(metrics.generated_kernel_count) if metrics is not None else 0}
 
 
 # ------------------------------------------------------------------------------------------ learned rounding
@@ -308,10 +567,19 @@ class _SoftRounding(torch.autograd.Function):
                 alpha.data_ptr(), base.data_ptr(), scale.data_ptr(), zero.data_ptr(), lo.data_ptr(), hi.data_ptr(),
                 alpha.numel(), 0.0 if beta is None else float(beta), out.data_ptr(), coef_w.data_ptr(),
                 None if coef_p is None else coef_p.data_ptr(), torch.get_num_threads())
-        else:
-            out, coef_w, coef_p, penalty = _reference_soft(alpha, base, scale, zero, lo, hi, beta)
+            ctx.save_for_backward(coef_w, coef_p)
+            return out, torch.tensor(0.0 if beta is None else penalty, device=alpha.device)
+        res = None
+        if implementation(alpha.device) == "compiled" and alpha.dim() == 1 and alpha.numel() > 1:
+            # β as a tensor made on the device (a fill, no copy): as a number it would be a constant of the graph,
+            # and it changes every iteration
+            beta_t = None if beta is None else torch.full((), float(beta), dtype=alpha.dtype, device=alpha.device)
+            res = _run_compiled("soft", *(_flat(t) for t in (alpha, base, scale, zero, lo, hi)), beta_t)
+        out, coef_w, coef_p, penalty = res if res is not None else _reference_soft(alpha, base, scale, zero, lo, hi,
+                                                                                   beta)
         ctx.save_for_backward(coef_w, coef_p)
-        return out, torch.tensor(0.0 if penalty is None else float(penalty), device=alpha.device)
+        # the regulariser stays on the device: a double sum, rounded once to float32
+        return out, penalty.to(torch.float32) if penalty is not None else alpha.new_zeros(())
 
     @staticmethod
     def backward(ctx, g_out, g_penalty):
@@ -329,6 +597,25 @@ def soft_rounding(alpha, base, scale, zero, lo, hi, beta: float | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------- Adam
+# Which Adam learns the rounding variables, step sizes and PD-Quant's corrected inputs on the CPU: "torch"
+# (torch.optim.Adam, fused: one kernel over all parameters, on the CPU since torch 2.4) or "c" (fakequant.c's
+# ptq_adam, one OpenMP pass per parameter, less Python per step). CUDA always gets torch's fused Adam.
+# benchmarks/optimiser_speed.py times both on the units' parameter sizes; torch's belongs here unless ptq_adam is
+# measurably faster. Until that benchmark has run on an idle machine, "c": the Adam of every CPU figure in
+# benchmarks/results (their loop times and, bit for bit, their results).
+CPU_ADAM = "c"
+
+
+def adam(groups: list[dict], betas=(0.9, 0.999), eps: float = 1e-8):
+    """Adam (no weight decay) over parameter groups, each group's `lr` changeable between steps (a float, or a
+    0-dim tensor on the parameters' device that a `Plateau` lowers without the host reading it)."""
+    params = [p for g in groups for p in g["params"]]
+    if CPU_ADAM == "c" and params and all(_native(p.detach()) for p in params):
+        return Adam(groups, betas=betas, eps=eps)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+    return torch.optim.Adam(groups, betas=betas, eps=eps, fused=fused)
+
+
 class Adam:
     """Adam over parameter groups (no weight decay), one fused pass per parameter: fakequant.c's `ptq_adam` on
     contiguous float32 CPU parameters, else torch's fused Adam (CUDA) or its default. Each group's `lr` may be
@@ -365,37 +652,58 @@ class Adam:
         bc2_sqrt = (1 - beta2 ** self.steps) ** 0.5
         lib, threads = library(), torch.get_num_threads()
         for group in self.param_groups:
+            lr = group["lr"]
+            lr = hostsync.host_float(lr) if isinstance(lr, torch.Tensor) else lr   # CPU parameters: a CPU tensor
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 m, v = self.state[p]
                 grad = p.grad.contiguous()
-                lib.ptq_adam(p.data_ptr(), grad.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), group["lr"],
+                lib.ptq_adam(p.data_ptr(), grad.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), lr,
                              beta1, beta2, self.eps, bc1, bc2_sqrt, threads)
 
 
 class Plateau:
-    """torch's ReduceLROnPlateau (mode min, relative threshold, no cooldown) over a `kernels.Adam`: the lr of every
-    group times `factor` once the loss has not improved by `threshold` (relative) for more than `patience` steps,
-    never below `min_lr`."""
+    """torch's ReduceLROnPlateau (mode min, relative threshold, no cooldown) kept on the device: the best loss, the
+    count of steps without improvement and each group's learning rate are tensors there, so a step reads nothing
+    back to the host (the optimiser takes the learning rate as a tensor). The lr of every group times `factor`
+    once the loss has not improved by `threshold` (relative) for more than `patience` steps, never below
+    `min_lr`."""
 
-    def __init__(self, optimiser: Adam, patience: int = 10, factor: float = 0.1, min_lr: float = 0.0,
+    def __init__(self, optimiser, patience: int = 10, factor: float = 0.1, min_lr: float = 0.0,
                  threshold: float = 1e-4, eps: float = 1e-8):
-        self.optimiser, self.patience, self.factor, self.min_lr = optimiser, patience, factor, min_lr
-        self.threshold, self.eps = threshold, eps
-        self.best, self.bad = float("inf"), 0
+        self.patience, self.factor, self.min_lr, self.threshold, self.eps = patience, factor, min_lr, threshold, eps
+        # (float64 schedule, the optimiser's tensor): the schedule in double as ReduceLROnPlateau's Python floats,
+        # the optimiser's copy in the parameters' dtype
+        self.lrs = []
+        for group in optimiser.param_groups:
+            p = group["params"][0]
+            lr = group["lr"]
+            start = lr.double() if isinstance(lr, torch.Tensor) else torch.full((), float(lr), dtype=torch.float64,
+                                                                                 device=p.device)
+            group["lr"] = start.to(p.dtype)
+            self.lrs.append((start, group["lr"]))
+        device = self.lrs[0][0].device
+        self.best = torch.full((), float("inf"), dtype=torch.float64, device=device)
+        self.bad = torch.zeros((), dtype=torch.int64, device=device)
 
-    def step(self, loss: float) -> None:
-        if loss < self.best * (1 - self.threshold):
-            self.best, self.bad = loss, 0
-        else:
-            self.bad += 1
-        if self.bad > self.patience:
-            for group in self.optimiser.param_groups:
-                new = max(group["lr"] * self.factor, self.min_lr)
-                if group["lr"] - new > self.eps:
-                    group["lr"] = new
-            self.bad = 0
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().to(self.best.device, torch.float64)
+        better = loss < self.best * (1 - self.threshold)
+        self.best = torch.where(better, loss, self.best)
+        self.bad = torch.where(better, 0, self.bad + 1)
+        reduce = self.bad > self.patience
+        for schedule, lr in self.lrs:
+            new = torch.clamp(schedule * self.factor, min=self.min_lr)
+            schedule.copy_(torch.where(reduce & (schedule - new > self.eps), new, schedule))
+            lr.copy_(schedule)
+        self.bad = torch.where(reduce, 0, self.bad)
+
+    @property
+    def lr(self) -> list[torch.Tensor]:
+        """Each group's learning rate as the schedule holds it (float64, on the device)."""
+        return [schedule for schedule, _ in self.lrs]
 
 
 # ----------------------------------------------------------------------- PD-Quant's distribution correction
@@ -439,14 +747,15 @@ def row_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _RowStats.apply(flat.contiguous())
 
 
-def sqdist_grad_(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, coef: float) -> float:
-    """grad += coef (a - b), in place; returns Σ (a - b)²: a squared-distance term and its gradient in one pass."""
+def sqdist_grad_(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, coef: float) -> torch.Tensor:
+    """grad += coef (a - b), in place; returns Σ (a - b)² (a 0-dim float64 tensor, on the device): a
+    squared-distance term and its gradient in one pass."""
     if _native(a, b, grad):
-        return library().ptq_sqdist_grad(a.data_ptr(), b.data_ptr(), grad.data_ptr(), a.numel(), coef,
-                                          torch.get_num_threads())
+        return torch.tensor(library().ptq_sqdist_grad(a.data_ptr(), b.data_ptr(), grad.data_ptr(), a.numel(), coef,
+                                                      torch.get_num_threads()), dtype=torch.float64)
     d = a - b
     grad.add_(d, alpha=coef)
-    return float((d.double() * d.double()).sum())
+    return (d.double() * d.double()).sum()
 
 
 class _BNDistance(torch.autograd.Function):

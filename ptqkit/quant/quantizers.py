@@ -10,6 +10,11 @@
   selecting the one in use (PTMQ); `activation_bits(model, bits)` switches a whole model at run time.
 
 All three register themselves in MQBench's fake-quant table so `prepare_by_platform` inserts them by name.
+
+Their observer and fake-quant switches are Python booleans (`observing`, `quantizing`, the `Switches` mixin) kept
+in step with MQBench's uint8 buffers: the forward reads the booleans, because reading a buffer on CUDA waits for
+the device at every call (ptqkit.quant.hostsync), while state_dict, ONNX export and MQBench's own code read the
+buffers.
 """
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 from mqbench import prepare_by_platform as _mq_prepare
-from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize
-from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize
+from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize, adaround_forward
+from mqbench.fake_quantize.qdrop_quantizer import (QDropFakeQuantize,
+                                                   _fake_quantize_learnable_per_channel_affine_training,
+                                                   _fake_quantize_learnable_per_tensor_affine_training)
 from mqbench.fake_quantize.quantize_base import QuantizeBase
+from mqbench.observer import EMAMinMaxObserver, MinMaxObserver
 
-from ptqkit.quant import kernels
+from ptqkit.quant import hostsync, kernels
 
 from ptqkit.quant.kernels import GAMMA, ZETA
 
@@ -37,21 +45,147 @@ def _broadcast(t: torch.Tensor, like: torch.Tensor, ch_axis: int) -> torch.Tenso
     return t.reshape(shape)
 
 
-class WeightQuantizer(AdaRoundFakeQuantize):
+class Switches:
+    """The observer / fake-quant switches of this toolkit's quantizers as Python state (`observing`,
+    `quantizing`), written through to MQBench's buffers (`observer_enabled`, `fake_quant_enabled`) by the
+    enable_/disable_ methods and read back from them after a state_dict load (`read_switches`). Code that writes
+    the buffers directly must call `read_switches()` after; `copy_switches` copies them between quantizers."""
+
+    observing = True     # FakeQuantizeBase's buffers start at 1
+    quantizing = True
+
+    def read_switches(self) -> None:
+        """The booleans from the buffers (a read of the device: outside the loops)."""
+        self.observing = bool(self.observer_enabled[0])
+        self.quantizing = bool(self.fake_quant_enabled[0])
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        enabled = bool(enabled)
+        if enabled != self.observing:
+            self.observing = enabled
+            self.observer_enabled.fill_(int(enabled))   # a write: no wait for the device
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        enabled = bool(enabled)
+        if enabled != self.quantizing:
+            self.quantizing = enabled
+            self.fake_quant_enabled.fill_(int(enabled))
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.read_switches()
+
+    def _observes_on_device(self) -> bool:
+        """Whether this forward observes in the loop's way (below) rather than MQBench's: only inside a
+        reconstruction loop (FDDA's student observes every step), and only for the min/max observers, whose update
+        and qparams are re-done here without torch's validity checks (each a read of the device)."""
+        return hostsync.in_loop() and _device_observable(self.activation_post_process)
+
+
+_SCHEMES = (torch.per_tensor_affine, torch.per_channel_affine, torch.per_tensor_symmetric,
+            torch.per_channel_symmetric)
+
+
+def _device_observable(obs) -> bool:
+    return type(obs) in (MinMaxObserver, EMAMinMaxObserver) and not obs.pot_scale and obs.qscheme in _SCHEMES
+
+
+@torch.no_grad()
+def _observe(obs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """MQBench's MinMaxObserver / EMAMinMaxObserver update with `x`, then torch's `_calculate_qparams`, in the same
+    operations (the same values bit for bit) but without a read of the device: the EMA's first-observation test
+    becomes a select, and the min <= max checks are left out (the observer has just seen `x`)."""
+    if x.numel() == 0:
+        return None
+    x = x.detach().to(obs.min_val.dtype)
+    if obs.ch_axis == -1:
+        lo, hi = torch.aminmax(x)
+    else:
+        axes = list(range(x.dim()))
+        axes[obs.ch_axis], axes[0] = 0, obs.ch_axis
+        lo, hi = torch.aminmax(torch.flatten(x.permute(axes), start_dim=1), dim=1)
+    if isinstance(obs, EMAMinMaxObserver):
+        ema_lo = obs.min_val * obs.ema_ratio + lo * (1.0 - obs.ema_ratio)
+        ema_hi = obs.max_val * obs.ema_ratio + hi * (1.0 - obs.ema_ratio)
+        if obs.max_val.numel() <= 1:
+            first = obs.max_val.isinf()
+            obs.min_val, obs.max_val = torch.where(first, lo, ema_lo), torch.where(first, hi, ema_hi)
+        else:
+            obs.min_val, obs.max_val = ema_lo, ema_hi
+    else:
+        obs.min_val, obs.max_val = torch.min(obs.min_val, lo), torch.max(obs.max_val, hi)
+    return _qparams(obs)
+
+
+def _qparams(obs) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's UniformQuantizationObserverBase._calculate_qparams for the affine and symmetric schemes."""
+    qmin, qmax = obs.quant_min, obs.quant_max
+    min_neg = torch.min(obs.min_val, torch.zeros_like(obs.min_val))
+    max_pos = torch.max(obs.max_val, torch.zeros_like(obs.max_val))
+    zero_point = torch.zeros(min_neg.size(), dtype=torch.int64, device=min_neg.device)
+    if obs.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric):
+        max_pos = torch.max(-min_neg, max_pos)
+        scale = torch.max(max_pos / (float(qmax - qmin) / 2), obs.eps)
+        if obs.dtype in (torch.quint8, torch.uint8):
+            zero_point = zero_point.new_full(zero_point.size(),
+                                             (qmin + qmax) // 2 if obs.has_customized_qrange else 128)
+        elif obs.dtype == torch.uint16:
+            zero_point = zero_point.new_full(zero_point.size(), 2 ** 15)
+    else:
+        scale = torch.max((max_pos - min_neg) / float(qmax - qmin), obs.eps)
+        zero_point = torch.clamp(qmin - torch.round(min_neg / scale).to(torch.int), qmin, qmax)
+    return scale.reshape(1) if scale.dim() == 0 else scale, zero_point.reshape(1) if zero_point.dim() == 0 \
+        else zero_point
+
+
+class WeightQuantizer(Switches, AdaRoundFakeQuantize):
     """Weight fake-quant: round to nearest, or, while a `LearnedRounding` is installed, the soft-rounded weights
     it computed for this iteration."""
 
     soft_weight: torch.Tensor | None = None
 
+    def init(self, *args, **kwargs):
+        super().init(*args, **kwargs)   # MQBench's learned-rounding mode writes the buffers itself
+        self.read_switches()
+
     def forward(self, X):
         if self.soft_weight is not None:
             return self.soft_weight
-        return super().forward(X)
+        if torch.jit.is_tracing() or (self.observing and not self._observes_on_device()):
+            # tracing (ONNX export) and calibration: MQBench's forward as it is (its buffers are in step)
+            return super().forward(X)
+        if self.observing:
+            qparams = _observe(self.activation_post_process, X)
+            if qparams is not None:
+                scale, zero_point = (t.to(self.scale.device) for t in qparams)
+                if self.scale.shape != scale.shape:
+                    self.scale.resize_(scale.shape)
+                    self.zero_point.resize_(zero_point.shape)
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
+        if not self.quantizing:
+            return X
+        # MQBench's formulas, with the per-tensor scale and zero point as tensors (its .item() waits on CUDA)
+        if self.adaround:
+            if getattr(self, "round_mode", None) != "learned_hard_sigmoid" or not hasattr(self, "alpha"):
+                return super().forward(X)
+            return adaround_forward(X, self.scale.data, self.zero_point.data.long(), self.quant_min, self.quant_max,
+                                    self.ch_axis, self.alpha, self.zeta, self.gamma)
+        if self.is_per_channel:
+            return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point, self.ch_axis,
+                                                          self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, self.quant_min, self.quant_max)
 
 
 class LearnedRounding:
-    """AdaRound's learned rounding (ALGORITHMS.md §0) of a set of weight layers — one reconstruction unit — held in
-    flat tensors: V, floor(w / s), and s, z and the integer range per element.
+    """AdaRound's learned rounding (docs/METHODS.md#learned-rounding) of a set of weight layers — one reconstruction
+    unit — held in flat tensors: V, floor(w / s), and s, z and the integer range per element.
 
     V starts where h(V) equals the fractional part of w / s, so the soft weights start at the FP weights (inside the
     grid). One flat V is one optimiser parameter, and every iteration computes all the layers' soft weights and the
@@ -117,7 +251,7 @@ class LearnedRounding:
             layer.weight.data.copy_(w)
 
 
-class ActQuantizer(QDropFakeQuantize):
+class ActQuantizer(Switches, QDropFakeQuantize):
     """Activation fake-quant with a learnable step size and QDrop's element-wise keep probability."""
 
     @property
@@ -128,7 +262,9 @@ class ActQuantizer(QDropFakeQuantize):
     def keep_prob(self, value: float) -> None:
         self.prob = float(value)
 
-    learn_step = True   # False: the step stays as calibrated (the network input's, by default: see QuantConfig)
+    # False: the step stays as calibrated (quant.learn_input_step sets it on the network input's quantizer, whose
+    # step the engine leaves as calibrated in any case: see QuantConfig)
+    learn_step = True
     # "pass": an element rounded onto the lowest or highest level passes the gradient (the papers' LSQ / round-STE
     # on the torch they used); "stop": it counts as clipped (quant.a.bound_grad, fakequant.c's header)
     bound_grad = "pass"
@@ -138,14 +274,40 @@ class ActQuantizer(QDropFakeQuantize):
         return [self.scale] if self.learn_step else []
 
     def forward(self, X):
-        if self.observer_enabled.item() == 1 or self.fake_quant_enabled.item() != 1 or torch.jit.is_tracing():
-            # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records; the fused kernel
-            # computes the same values but is opaque to it
+        if torch.jit.is_tracing() or (self.observing and not self._observes_on_device()):
+            # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records (the fused kernel
+            # computes the same values but is opaque to it); calibration: MQBench's forward as it is
             return super().forward(X)
+        if self.observing:   # inside a loop (FDDA): MQBench's forward, its switches and qparams on the device
+            qparams = _observe(self.activation_post_process, X)
+            if qparams is not None:
+                scale, zero_point = (t.to(self.scale.device) for t in qparams)
+                if self.ch_axis != -1:
+                    self.scale.data = torch.ones_like(scale)
+                    self.zero_point.resize_(zero_point.shape)
+                self.scale.data.copy_(scale)
+                self.zero_point.copy_(zero_point)
+            if not self.quantizing:
+                return X
+            return self._mqbench_formula(X)
+        if not self.quantizing:
+            return X
         if self.is_per_channel:
             return self._per_channel(X)
         return kernels.act_fake_quant(X, self.scale, self.zero_point, self.quant_min, self.quant_max, self.prob,
                                       stop_at_bounds=self.bound_grad == "stop")
+
+    def _mqbench_formula(self, X):
+        """QDropFakeQuantize's quantization, as its forward computes it while observing."""
+        if self.is_per_channel:
+            out = _fake_quantize_learnable_per_channel_affine_training(X, self.scale, self.zero_point, self.ch_axis,
+                                                                       self.quant_min, self.quant_max)
+        else:
+            out = _fake_quantize_learnable_per_tensor_affine_training(X, self.scale, self.zero_point, self.quant_min,
+                                                                      self.quant_max)
+        if self.prob < 1.0:   # the kernels' keep mask, as everywhere else (the same for a key on every device)
+            return torch.where(kernels.keep_mask(X.shape, self.prob, X.device), out, X)
+        return out
 
     def _per_channel(self, X):
         """The per-tensor kernel's formula per channel, in torch ops: MQBench's own would take its treatment of the
@@ -161,7 +323,9 @@ class ActQuantizer(QDropFakeQuantize):
         inside = (q > lo) & (q < hi) if self.bound_grad == "stop" else q == qc
         out = torch.where(inside, (u + (q - u).detach()) * s, qc * s)
         if self.prob < 1.0:
-            out = torch.where(torch.rand_like(X) < self.prob, out, X)
+            # the per-tensor kernels' keep mask (a hash of key and element index): the same mask for the same key
+            # on every device and in every implementation
+            out = torch.where(kernels.keep_mask(X.shape, self.prob, X.device), out, X)
         return out
 
 
@@ -184,27 +348,45 @@ def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
     return [m for _, m in fake_quantizers(module) if isinstance(m, ActQuantizer)]
 
 
+def switches(q: QuantizeBase) -> tuple[bool, bool]:
+    """(observing, quantizing): Python state for this toolkit's quantizers, MQBench's buffers for others."""
+    if isinstance(q, Switches):
+        return q.observing, q.quantizing
+    return bool(q.observer_enabled[0]), bool(q.fake_quant_enabled[0])
+
+
+def set_switches(q: QuantizeBase, observe: bool | None = None, quantize: bool | None = None) -> None:
+    if observe is not None:
+        q.enable_observer(bool(observe))
+    if quantize is not None:
+        q.enable_fake_quant(bool(quantize))
+
+
+def copy_switches(dst: QuantizeBase, src: QuantizeBase) -> None:
+    """`dst`'s switches as `src`'s (a quantizer built to replace `src`)."""
+    if isinstance(dst, Switches):
+        dst.read_switches()
+    set_switches(dst, *switches(src))
+
+
 def _flags(quantizers: Iterable[QuantizeBase]):
-    return [(q, int(q.observer_enabled[0]), int(q.fake_quant_enabled[0])) for q in quantizers]
+    return [(q, *switches(q)) for q in quantizers]
 
 
 @contextlib.contextmanager
 def quant_state(module: nn.Module, *, observe: bool | None = None, quantize: bool | None = None,
                 only: Iterable[QuantizeBase] | None = None):
-    """Set observer / fake-quant switches of the quantizers in `module` (or `only` those), restore them after."""
+    """Set observer / fake-quant switches of the quantizers in `module` (or `only` those), restore them after.
+    PD-Quant and FDDA enter it every iteration: for this toolkit's quantizers it reads Python state only."""
     quantizers = list(only) if only is not None else [q for _, q in fake_quantizers(module)]
     saved = _flags(quantizers)
     try:
         for q in quantizers:
-            if observe is not None:
-                q.observer_enabled[0] = int(observe)
-            if quantize is not None:
-                q.fake_quant_enabled[0] = int(quantize)
+            set_switches(q, observe, quantize)
         yield
     finally:
         for q, obs, fq in saved:
-            q.observer_enabled[0] = obs
-            q.fake_quant_enabled[0] = fq
+            set_switches(q, obs, fq)
 
 
 def calibration_mode(module: nn.Module):
@@ -274,8 +456,7 @@ class MultiBitActQuantizer(ActQuantizer):
         """A multi-bit quantizer with `q`'s observer (a copy), switches and keep probability; every bit-width's
         step starts at `q`'s step."""
         new = cls(lambda: copy.deepcopy(q.activation_post_process), bit_set=bit_set, active_bits=active_bits)
-        new.fake_quant_enabled.copy_(q.fake_quant_enabled)
-        new.observer_enabled.copy_(q.observer_enabled)
+        copy_switches(new, q)
         new.prob, new.bound_grad = q.prob, q.bound_grad
         with torch.no_grad():
             for bits in new.bit_set:
