@@ -48,6 +48,7 @@ from ptqkit.algorithms.reconstruction import Part, Reconstruction, Reconstructio
 from ptqkit.algorithms.registry import register
 from ptqkit.algorithms.units import Unit
 from ptqkit.errors import ConfigError
+from ptqkit.quant import hostsync
 from ptqkit.quant import prepare as pq
 from ptqkit.quant.kernels import keep_mask
 from ptqkit.quant.quantizers import (ActQuantizer, MultiBitActQuantizer, activation_bits, fake_quantizers,
@@ -173,7 +174,7 @@ class PTMQHooks(Hooks):
     def reconstruction(self, unit, module, batch, it, phase):
         p = self.params
         _, _, _, quantizers, inputs = self._unit_state
-        drawn = [g[0] if len(g) == 1 else g[int(torch.randint(len(g), ()))] for g in self.groups]
+        drawn = [g[0] if len(g) == 1 else g[hostsync.host_int(torch.randint(len(g), ()))] for g in self.groups]
         outs = []
         for bits in drawn:
             # the phase's drop rule (QDrop's input mix) on the input the deployed model has at these bits
