@@ -120,7 +120,7 @@ def _dry_run(config, *sets):
 def test_dry_run_lists_resnet20_units():
     text = _dry_run("configs/cifar10/resnet20_w4a4_qdrop.yaml", "data.calibration.num_images=32")
     assert "11 reconstruction units (block):" in text
-    rows = [m.group(1) for m in re.finditer(r"^\s+\d+\s+(\S+)", text, re.M)]
+    rows = [m.group(1) for m in re.finditer(r"^[ \t]+\d+[ \t]+(\S+)", text, re.M)]
     assert rows == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear"]
 
 
@@ -128,7 +128,7 @@ def test_dry_run_lists_resnet20_units():
 def test_dry_run_lists_mobilenet_v2_units():
     text = _dry_run("configs/imagenet/mobilenet_v2_sample_w4a4_qdrop.yaml", "data.calibration.num_images=8")
     assert "20 reconstruction units (block):" in text
-    rows = [m.group(1) for m in re.finditer(r"^\s+\d+\s+(\S+)", text, re.M)]
+    rows = [m.group(1) for m in re.finditer(r"^[ \t]+\d+[ \t]+(\S+)", text, re.M)]
     assert rows == ["features.0"] + [f"features.{i}" for i in range(1, 19)] + ["classifier.1"]
 
 
