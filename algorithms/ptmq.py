@@ -238,8 +238,8 @@ class MultiBit(Part):
         return dataclasses.replace(phase, act_init_images=0)
 
     def prepare(self, qmodel, layout, ctx: RunContext) -> None:
-        """Every activation quantizer multi-bit, except those the conventions fix."""
-        fixed = set(layout.input_quantizers)
+        """Every activation quantizer multi-bit, except those the conventions or quant.layers entries fix."""
+        fixed = set(layout.input_quantizers) | set(layout.layer_act_quantizers)
         if layout.last_input_quantizer is not None and ctx.cfg.quant.last_layer_a_bits is not None:
             fixed.add(layout.last_input_quantizer)
         names = [n for n, q in fake_quantizers(qmodel) if isinstance(q, ActQuantizer) and n not in fixed]
