@@ -78,9 +78,7 @@ def test_cli_unreadable_image_stops_before_calibration(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: image '{bad}': cannot be decoded (")
     assert "Traceback" not in proc.stderr
-    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
-    assert len(log) == 1 and log[0].endswith(f"ptq INFO run folder {tmp_path / 'run'}")   # nothing after it ran
-    assert not (tmp_path / "run" / "progress.pt").exists()
+    assert not (tmp_path / "run").exists()    # nothing was done, so no run folder is left behind
 
 
 def test_fp32_result_is_reused_only_for_the_same_model_and_images(tmp_path):
