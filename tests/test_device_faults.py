@@ -198,6 +198,7 @@ def test_a_cpu_cache_feeds_a_cuda_model_through_pinned_memory(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ numerics
+@pytest.mark.cifar10     # base_tree names the ResNet-20 checkpoint, which validation checks exists
 def test_tf32_and_determinism_are_set_and_restored(monkeypatch):
     from ptqkit import pipeline
     from ptqkit.config import validate

@@ -53,6 +53,7 @@ def test_every_methods_short_run_is_a_valid_config():
         assert cfg.algorithm.prepasses == ["cle"]
 
 
+@pytest.mark.cifar10     # the smoke test's run reads the ResNet-20 checkpoint
 def test_without_cuda_the_acceptance_fails_unless_asked_for_the_cpu_smoke_test(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
