@@ -82,6 +82,33 @@ def run_one(method: str, bits: str, seed: int, out_root: str, extra: list[str], 
     return json.load(open(results))
 
 
+def run_ptq(folder: str, fresh: list[str], threads: int = 1) -> dict | None:
+    """ptq_main.py into `folder` (a path under the repository), one process, `threads` torch threads: resumed from
+    its progress.pt when it has one, else started with the arguments `fresh`; output appended to `folder`.log.
+    Returns results.json, or None when the run failed. A finished run's progress.pt is deleted: an unfinished run
+    keeps it in the repository so that a clone can continue it, a finished one needs none."""
+    results, progress = os.path.join(folder, "results.json"), os.path.join(folder, "progress.pt")
+    if os.path.exists(results):
+        return json.load(open(results))
+    if os.path.exists(progress):
+        cmd = [sys.executable, "ptq_main.py", "--resume", os.path.relpath(folder, REPO), "--quiet"]
+    else:
+        if os.path.isdir(folder):
+            raise SystemExit(f"{folder}: a run folder without progress or results; remove it first")
+        cmd = [sys.executable, "ptq_main.py", *fresh, "--quiet"]
+    print("$", " ".join(cmd), flush=True)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(f"{folder}.log", "a") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not os.path.exists(results):
+        print(f"  failed ({proc.returncode}); see {os.path.relpath(folder, REPO)}.log", flush=True)
+        return None
+    if os.path.exists(progress):
+        os.remove(progress)
+    return json.load(open(results))
+
+
 ROW_HEADER = ("| method | bits | seed | top-1 % | FP32 top-1 % (same images) | wall s: FP32 eval / quantize / "
               "quant eval | iterations | ms / iteration | peak RSS MB | RSS after each unit MB: first → last |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
@@ -105,9 +132,12 @@ def row(method: str, bits: str, seed: int, r: dict) -> str:
 NOTES_HEADING = "## Notes (written after the run"  # "...run)" or "...runs)"
 
 
-def write_results(path: str, text: str) -> None:
-    """Write a generated results file, keeping the hand-written notes of the one it replaces (from NOTES_HEADING
-    on): a benchmark re-run or re-tabulated must not erase what was written about its figures."""
+def write_results(path: str, text: str, missing: list[str] = ()) -> str:
+    """Write a generated results file, with the runs not finished listed, keeping the hand-written notes of the one
+    it replaces (from NOTES_HEADING on): a benchmark re-run or re-tabulated must not erase what was written about
+    its figures. Returns the generated text."""
+    if missing:
+        text += "\nNot finished: " + ", ".join(missing) + ".\n"
     notes = ""
     if os.path.exists(path):
         old = open(path).read()
@@ -115,6 +145,7 @@ def write_results(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text + (f"\n{notes}" if notes else ""))
+    return text
 
 
 def model_overrides(model: str) -> list[str]:
@@ -154,10 +185,7 @@ def main() -> int:
     text = (f"# ResNet-{args.model[6:]} (CIFAR-10 assets): reconstruction methods\n\nMade by `{command}` "
             f"on {time.strftime('%Y-%m-%d')} (CPU, {os.cpu_count()} cores). All 10,000 test images.\n\n"
             f"{ROW_HEADER}\n" + "\n".join(rows) + "\n")
-    if missing:
-        text += "\nNot finished: " + ", ".join(missing) + ".\n"
-    write_results(os.path.join(REPO, args.results), text)
-    print(text)
+    print(write_results(os.path.join(REPO, args.results), text, missing))
     return 0
 
 
