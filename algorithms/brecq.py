@@ -6,8 +6,8 @@ block with the weights fixed, under an L_p loss (p = 2.4).
 `brecq_joint`: MQBench's "BRECQ" — rounding and activation steps learned together with activations quantized,
 i.e. QDrop with keep probability 1. As in MQBench's `ptq_reconstruction`, its reference, the activation steps start
 from the global calibration (`act_init_images: 0`); QDrop's original code re-observes them on each unit's cached
-inputs (256). At W2A2 on ResNet-20 that re-observation narrows the 2-bit steps (to 0.7x in the last stage) and
-costs 1.15 points over five seeds (65.06 against 66.21, benchmarks/results/act_init_w2a2.md).
+inputs (256). Which of the two serves better depends on the network's depth and on `quant.fold_bn` and
+`quant.a.bound_grad`; docs/RESULTS.md has the measured comparisons.
 """
 from dataclasses import dataclass
 
