@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
@@ -41,6 +40,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from calibration_speed import config_tree  # noqa: E402
+from reconstruction_resnet20 import write_results  # noqa: E402
 from ptqkit import assets as ptq_assets  # noqa: E402
 from ptqkit import data, pipeline  # noqa: E402
 from ptqkit.algorithms.base import RunContext  # noqa: E402
@@ -203,14 +203,7 @@ def main() -> int:
         lines.append(f"| **all** | {t['c']:.3f} | {t['compiled']:.3f} | {t['torch']:.3f} | "
                      f"**{m['compiled_over_c']:.2f}** | | |")
     lines += ["", f"Decision: {out['decision']}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if os.path.dirname(args.results):
-        os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.results)[0] + ".json", "w") as f:
-        json.dump(out, f, indent=1)
+    print(write_results(args.results, "\n".join(lines) + "\n", data=out))
     return 0
 
 

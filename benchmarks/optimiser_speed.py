@@ -22,7 +22,6 @@ go to a markdown file and a JSON file beside it, with the command, commit, threa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -34,10 +33,12 @@ import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ptqkit import pipeline  # noqa: E402
 from ptqkit.models import build_model  # noqa: E402
 from ptqkit.quant import kernels  # noqa: E402
+from reconstruction_resnet20 import write_results  # noqa: E402
 
 
 def unit_weight_counts(model_name: str) -> dict[str, int]:
@@ -146,14 +147,7 @@ def main() -> int:
     lines += ["", "The DC rows include the plateau schedule: kernels.Plateau (on the device) beside the C Adam, "
                   "ReduceLROnPlateau (a float loss) beside torch's.", "", f"Decision: {decision} "
               f"(now: {kernels.CPU_ADAM!r})."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if os.path.dirname(args.results):
-        os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.results)[0] + ".json", "w") as f:
-        json.dump(out, f, indent=1)
+    print(write_results(args.results, "\n".join(lines) + "\n", data=out))
     return 0
 
 

@@ -132,7 +132,7 @@ def row(method: str, bits: str, seed: int, r: dict) -> str:
 NOTES_HEADING = "## Notes (written after the run"  # "...run)" or "...runs)"
 
 
-def write_results(path: str, text: str, missing: list[str] = ()) -> str:
+def write_results(path: str, text: str, missing: list[str] = (), data: dict | None = None) -> str:
     """Write a generated results file, with the runs not finished listed, keeping the hand-written notes of the one
     it replaces (from NOTES_HEADING on): a benchmark re-run or re-tabulated must not erase what was written about
     its figures. Returns the generated text."""
@@ -142,9 +142,12 @@ def write_results(path: str, text: str, missing: list[str] = ()) -> str:
     if os.path.exists(path):
         old = open(path).read()
         notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(text + (f"\n{notes}" if notes else ""))
+    if data is not None:   # the figures themselves, for scripts that read them back
+        with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump(data, f, indent=1)
     return text
 
 

@@ -1,12 +1,21 @@
-"""Files this toolkit writes with torch.save (quantized models, progress): written atomically, read weights-only
+"""Files this toolkit writes (quantized models, progress, results.json): written atomically, read weights-only
 with every problem reported in one line."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from ptqkit.errors import CheckpointError
+
+
+def write_json(path: str, obj) -> None:
+    """JSON through a temporary file: a kill while writing leaves the previous file whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path: str) -> None:

@@ -28,6 +28,7 @@ from ptqkit.algorithms.registry import get_algorithm, multi_process_algorithms
 from ptqkit.cache import cache_dir
 from ptqkit.config import Config, dump_config
 from ptqkit.errors import ConfigError
+from ptqkit.files import write_json
 from ptqkit.models import build_model, load_checkpoint
 from ptqkit.quant import layer_bits
 from ptqkit.quant.prepare import trace_check
@@ -95,12 +96,6 @@ def new_run_dir(path: str) -> str:
     os.makedirs(candidate, exist_ok=True)
     return candidate
 
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()

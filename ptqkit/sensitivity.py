@@ -49,6 +49,7 @@ from ptqkit import assets, distributed
 from ptqkit.algorithms import heap
 from ptqkit.config import LayerQuant, LayerTensorQuant, MixedConfig, dump_config
 from ptqkit.errors import ConfigError, UserError
+from ptqkit.files import write_json
 from ptqkit.quant import allocate, layer_bits, size
 from ptqkit.quant import prepare as pq
 from ptqkit.quant.quantizers import fake_quantizers, fp_mode
@@ -326,7 +327,6 @@ def _analyse(cfg, fp_model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     layers = [r["layer"] for r in records]
     macs = size.layer_macs(base, ev[:1].to(device), layers)
     fixed_w, fixed_a = layer_bits.convention_fixed(layout, cfg.quant)
-    inputs = layer_bits.input_quantizers(base)
     for r in records:
         r["macs"] = macs.get(r["layer"], 0)
         r["fixed_w"] = r["layer"] in fixed_w
@@ -522,7 +522,7 @@ def write_outputs(result: dict, out_dir: str, plot: bool = True) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     path = os.path.join(out_dir, "sensitivity.json")
-    _write_json(path, result)
+    write_json(path, result)
     paths.append(path)
     path = os.path.join(out_dir, "sensitivity.csv")
     keys = ["layer", "what", "bits", "kl", "top1", "top1_drop", "agree", "logit_mse", "hessian"]
@@ -587,12 +587,6 @@ def plot_sensitivity(result: dict, path: str) -> str:
     plt.close(fig)
     return path
 
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------- the per-layer plan, size
@@ -785,7 +779,7 @@ def apply_mixed(cfg, fp_model: nn.Module, images: torch.Tensor, labels: torch.Te
     if run_dir is not None and not dry_run and distributed.is_main():
         with open(os.path.join(run_dir, "allocation.yaml"), "w") as f:
             f.write(allocation_yaml(own_layers, plan))
-        _write_json(os.path.join(run_dir, MIXED_RECORD), plan)
+        write_json(os.path.join(run_dir, MIXED_RECORD), plan)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
     return plan
