@@ -8,7 +8,9 @@ points of sampling noise: compare methods on the same images. Each run is its ow
 
     python benchmarks/mobilenet_v2_sample.py --methods qdrop --iters 500 1000 2000 4000     # the budget curve
     python benchmarks/mobilenet_v2_sample.py --methods naive adaround brecq brecq_joint qdrop --iters 2000
-    python benchmarks/mobilenet_v2_sample.py --table-only --methods qdrop --iters 500 1000 2000 4000
+    python benchmarks/mobilenet_v2_sample.py --methods qdrop --iters 2000 --tag f1w8 \
+        --set "quant.layers=[{match: features.1.conv.0.0, w: {bits: 8}}]"   # one layer kept at 8 bits
+    python benchmarks/mobilenet_v2_sample.py --table-only
 
 Runs already finished are not repeated; an interrupted one continues from its saved progress (`--resume`).
 """
@@ -28,13 +30,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "configs/_base_/imagenet_sample_mobilenet_v2.yaml"
 
 
-def run_dir(out: str, method: str, bits: str, iters: int, seed: int) -> str:
+def run_dir(out: str, method: str, bits: str, iters: int, seed: int, tag: str = "") -> str:
     it = "" if method == "naive" else f"_it{iters}"
-    return os.path.join(REPO, out, f"{method}_{bits.lower()}{it}_s{seed}")
+    return os.path.join(REPO, out, f"{method}_{bits.lower()}{it}{'_' + tag if tag else ''}_s{seed}")
 
 
-def run(out: str, method: str, bits: str, iters: int, seed: int, extra: list[str]) -> dict | None:
-    folder = run_dir(out, method, bits, iters, seed)
+def run(out: str, method: str, bits: str, iters: int, seed: int, extra: list[str], tag: str = "") -> dict | None:
+    folder = run_dir(out, method, bits, iters, seed, tag)
     w, a = bits[1:].split("A")
     # each method with its own defaults (QDrop: steps re-observed on 256 of each unit's inputs)
     algorithm = "{name: naive, calib_images: 500}" if method == "naive" else f"{{name: {method}, iters: {iters}}}"
@@ -70,6 +72,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/runs/mobilenet_v2_sample")
     parser.add_argument("--results", default="benchmarks/results/mobilenet_v2_sample.md")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
+    parser.add_argument("--tag", default="", help="run-folder suffix naming what --set changed")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     extra = [item for o in args.extra for item in ("--set", o)]
@@ -85,11 +88,11 @@ def main() -> int:
         for bits in args.bits:
             for iters in ([0] if method == "naive" else args.iters):
                 for seed in args.seeds:
-                    r = run(args.out, method, bits, iters, seed, extra)
+                    r = run(args.out, method, bits, iters, seed, extra, args.tag)
                     if r is None:
                         missing.append(f"{method} {bits} {iters} it seed {seed}")
                         continue
-                    rows.append(row(r, os.path.basename(run_dir(args.out, method, bits, iters, seed))))
+                    rows.append(row(r, os.path.basename(run_dir(args.out, method, bits, iters, seed, args.tag))))
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     text = (f"# MobileNetV2 on the ImageNet sample\n\nMade by `{command}` on {time.strftime('%Y-%m-%d')} (CPU, 1 "
             "thread per run, two runs side by side: times are a loaded machine's). MobileNetV2 1.0-224, per-channel "
