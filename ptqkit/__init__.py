@@ -2,7 +2,8 @@
 
 One import namespace, in layers that only import downwards:
 
-    ptqkit.errors, .schema, .cache, .distributed     plain utilities
+    ptqkit.errors, .schema, .cache, .distributed,    plain utilities (.precision: float32 or bfloat16
+      .precision                                      reconstruction, runtime.compute_dtype)
     ptqkit.quant                                      the quantizer backend: fused kernels, fake quantizers,
                                                       observers, insertion (MQBench) and calibration, their state
     ptqkit.models, ptqkit.data                        model zoo and checkpoints; images and splits

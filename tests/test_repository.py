@@ -12,7 +12,7 @@ from conftest import REPO
 # module (or package prefix) -> layer; a module may import its own layer and the ones below
 LAYERS = [
     ["ptqkit.errors", "ptqkit.assets", "ptqkit.fetch", "ptqkit.schema", "ptqkit.cache", "ptqkit.distributed",
-     "ptqkit.files"],
+     "ptqkit.files", "ptqkit.precision"],
     ["ptqkit.quant"],
     ["ptqkit.models", "ptqkit.data"],
     ["ptqkit.algorithms.engine", "ptqkit.algorithms.units", "ptqkit.algorithms.graph", "ptqkit.algorithms.heap",
