@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from ptqkit import algorithms, assets, mqbench_config  # noqa: F401  (algorithms: registers every shipped method)
+from ptqkit import precision
 from ptqkit.algorithms.registry import get_algorithm, registered_algorithms
 from ptqkit.errors import ConfigError, UserError
 from ptqkit.models import available_models
@@ -264,6 +265,15 @@ class RuntimeConfig:
                                           "CUBLAS_WORKSPACE_CONFIG=:4096:8. Costs speed where cuDNN's fastest "
                                           "convolution is not deterministic (python -m ptqkit.tools.gpu_check "
                                           "reports the loop time with it on; docs/GPU.md)")
+    compute_dtype: str = spec("float32", choices=tuple(precision.DTYPES),
+                              doc="arithmetic of the learning steps: the engine's unit forward and backward (a "
+                                  "method's loss terms included), PD-Quant's distribution correction, FDDA's "
+                                  "generator and student steps. bfloat16 = under torch.autocast: convolutions and "
+                                  "linear layers in bfloat16; the learned rounding variables, steps and weights, "
+                                  "their optimiser state, the fake quantization and the losses stay float32, as do "
+                                  "caching, evaluation, the saved model and export (docs/RUNNING.md). A run on a "
+                                  "device without native bfloat16 (a CPU without AVX512-BF16, AMX or ARM BF16; a "
+                                  "GPU before compute capability 8.0) is refused before any work")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ptqkit import data, distributed, sensitivity
+from ptqkit import data, distributed, precision, sensitivity
 from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.engine import cuda_run_peak_mb, reset_cuda_run_peak
 from ptqkit.algorithms.registry import get_algorithm, multi_process_algorithms
@@ -255,6 +255,7 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
 
 def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resume: dict | None) -> dict:
     device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
+    precision.check(cfg.runtime.compute_dtype, device)   # bfloat16 where the device has none: refused here
     reset_cuda_run_peak(device)
     # one stream per process: each draws its own batches and drop masks (rank 0 is the single-process run)
     seed_everything(cfg.runtime.seed + distributed.rank())
