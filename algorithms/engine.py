@@ -29,6 +29,12 @@ Host and device: the iterations read nothing back from the device but at every `
 the loss history and the non-finite check happen there (`hostsync.log_point`); tests/test_host_sync.py and
 `python -m ptqkit.tools.gpu_check` hold every method to it.
 
+Precision: with `compute_dtype` bfloat16 (runtime.compute_dtype) each iteration's unit forward and the method's
+loss terms run under autocast (`ptqkit.precision.autocast`), and the backward in the dtypes they ran in; the
+soft rounding and its regulariser are computed before autocast is entered, the fake quantizers compute in float32,
+the losses reduce in float32, and V, the steps and Adam's state never leave float32. Caching, range
+initialisation and the unit errors run outside the loop, in float32.
+
 Resume: `run(..., after=(phase, unit), on_unit_done=...)` skips every unit up to and including `after` and calls
 `on_unit_done(phase, unit)` when a unit is finished (the caller saves what it needs there). A unit whose
 predecessor was skipped gets its inputs from the network, not from the chain: the same operations on the same
@@ -52,7 +58,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm import tqdm
 
-from ptqkit import distributed
+from ptqkit import distributed, precision
 from ptqkit.algorithms import heap
 from ptqkit.algorithms.graph import prefix_module, unit_module
 from ptqkit.algorithms.units import Unit
@@ -148,6 +154,7 @@ class EngineSettings:
     log_every: int = 100
     show_progress: bool = True
     retain_cpu_heap: bool = True      # algorithms/heap.py: reuse freed CPU memory instead of page-faulting it back
+    compute_dtype: torch.dtype = torch.float32   # the loop's forward and backward (runtime.compute_dtype)
 
     @property
     def eval_batch(self) -> int:
@@ -274,7 +281,8 @@ def beta_at(it: int, phase: Phase) -> float:
 
 
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    diff = out - target
+    # reduced in float32 whatever the unit computed in (runtime.compute_dtype)
+    diff = precision.float32(out) - precision.float32(target)
     # p = 2 without abs: the same values and gradients bit for bit, three fewer passes over the tensor backward
     err = diff.square() if p == 2.0 else diff.abs().pow(p)
     return err.sum(1).mean()
@@ -568,7 +576,7 @@ class Engine:
         with phase_state(self.gm, phase), phase.drop.inside(quantizers), hostsync.loop():
             for it in bar:
                 batch = Batch(cache, self._draw(n, batch_size), phase, device)
-                with learner.applied(phase, it) as rnd:
+                with learner.applied(phase, it) as rnd, precision.autocast(device, s.compute_dtype):
                     out, rec, parts = self.hooks.reconstruction(unit, module, batch, it, phase)
                     extra = self.hooks.extra_loss(unit, out, batch, it, phase)
                 loss = rec + sum(extra.values()) if extra else rec

@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ptqkit import precision
 from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.engine import (DropRule, Hooks, Phase, UnitCache, init_act_steps, phase_state,
                                       reconstruction_loss)
@@ -180,7 +181,7 @@ class PTMQHooks(Hooks):
             # the phase's drop rule (QDrop's input mix) on the input the deployed model has at these bits
             x = phase.drop.unit_input(inputs[bits], batch.cache.fp_in, batch.idx, self.device)
             with activation_bits(quantizers, bits):
-                outs.append(module(x))
+                outs.append(precision.float32(module(x)))   # blended and compared in float32
         f_low, f_mid, f_high = outs
         blend = p.lambda1 * f_low + p.lambda2 * f_mid + p.lambda3 * f_high
         target = batch.target

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from ptqkit import distributed
+from ptqkit import distributed, precision
 from ptqkit.algorithms import progress
 from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
 from ptqkit.algorithms.engine import NO_DROP, CompositeHooks, DropRule, Engine, EngineSettings, Hooks, Phase
@@ -267,7 +267,8 @@ class Reconstruction(Algorithm):
         p = self.params
         return EngineSettings(batch_size=p.batch_size, batch_draw=p.batch_draw, cache_device=p.cache_device,
                               cache_dtype=getattr(torch, p.cache_dtype), log_every=p.log_every,
-                              show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap)
+                              show_progress=ctx.show_progress, retain_cpu_heap=ctx.cfg.runtime.retain_cpu_heap,
+                              compute_dtype=precision.dtype_of(ctx.cfg.runtime.compute_dtype))
 
     def run(self, ctx: RunContext):
         phases = self.run_phases()

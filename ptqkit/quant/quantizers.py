@@ -32,6 +32,7 @@ from mqbench.fake_quantize.qdrop_quantizer import (QDropFakeQuantize,
 from mqbench.fake_quantize.quantize_base import QuantizeBase
 from mqbench.observer import EMAMinMaxObserver, MinMaxObserver
 
+from ptqkit.precision import fake_quant_boundary
 from ptqkit.quant import hostsync, kernels
 
 from ptqkit.quant.kernels import GAMMA, ZETA
@@ -154,6 +155,7 @@ class WeightQuantizer(Switches, AdaRoundFakeQuantize):
         super().init(*args, **kwargs)   # MQBench's learned-rounding mode writes the buffers itself
         self.read_switches()
 
+    @fake_quant_boundary   # float32 under autocast (runtime.compute_dtype, ptqkit.precision)
     def forward(self, X):
         if self.soft_weight is not None:
             return self.soft_weight
@@ -273,6 +275,7 @@ class ActQuantizer(Switches, QDropFakeQuantize):
         """The step sizes reconstruction optimises (one here; a multi-bit quantizer has one per bit-width)."""
         return [self.scale] if self.learn_step else []
 
+    @fake_quant_boundary   # float32 under autocast (runtime.compute_dtype, ptqkit.precision)
     def forward(self, X):
         if torch.jit.is_tracing() or (self.observing and not self._observes_on_device()):
             # tracing (ONNX export): MQBench's formula in torch ops, which the tracer records (the fused kernel
