@@ -13,7 +13,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from ptqkit import assets
+from ptqkit import assets, precision
 from ptqkit.errors import UserError
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -24,7 +24,9 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance over every axis but the channel axis (1), as BN computes them."""
+    """Per-channel mean and biased variance over every axis but the channel axis (1), as BN computes them; in
+    float32 whatever `x` was computed in (runtime.compute_dtype)."""
+    x = precision.float32(x)
     dims = [d for d in range(x.dim()) if d != 1]
     return x.mean(dims), x.var(dims, unbiased=False)
 

@@ -23,6 +23,11 @@ Host and device: an epoch's iterations read nothing back from the device. The lo
 there and read once at the epoch's end (the log line, the progress bar), where a non-finite generator or student
 loss is also reported, naming its epoch; the real images are augmented on the host and copied through pinned
 memory.
+
+Precision (runtime.compute_dtype): the generator's step (generator and teacher forward, backward) and the
+student's (teacher and student forward, backward) run under `ptqkit.precision.autocast`; the losses and the BN
+statistics are computed in float32, the weights, the generator and both optimisers' state stay float32, and the
+warm-up's observation, the report and the final ranges run in float32.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from ptqkit import precision
 from ptqkit.algorithms.base import Algorithm, AlgorithmConfig, RunContext
 from ptqkit.algorithms.bns import (batchnorm_layers, bn_input_stats, check_centers, compute_bns_centers, load_centers,
                                    record_bn_inputs)
@@ -89,7 +95,8 @@ class ConditionalGenerator(nn.Module):
 
 # -------------------------------------------------------------------------------------------- helpers
 def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature τ, scaled by α·τ² (batch mean), plus CE on the labels."""
+    """KL(teacher || student) at temperature τ, scaled by α·τ² (batch mean), plus CE on the labels; in float32."""
+    student_logits, teacher_logits = precision.float32(student_logits), precision.float32(teacher_logits)
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
                   reduction="batchmean")
     return kl * alpha * temperature ** 2 + F.cross_entropy(student_logits, labels)
@@ -305,6 +312,8 @@ class FDDA(Algorithm):
         student_params = [t for t in qmodel.parameters() if id(t) not in quantizer_params]
 
         images, labels = ctx.calib_images, ctx.calib_labels
+        # the generator's and the student's steps (runtime.compute_dtype; ptqkit.precision)
+        compute_dtype = precision.dtype_of(ctx.cfg.runtime.compute_dtype)
         with torch.no_grad():
             num_classes = teacher(images[:1].to(device)).shape[1]
         real = RealBatches(images, labels, p.real_batch_size, p.augment)
@@ -312,6 +321,7 @@ class FDDA(Algorithm):
         generator = g_opt = None
         if p.use_generated:
             gen_state = self._generator_state(ctx, teacher, num_classes)
+            gen_state["compute_dtype"] = compute_dtype
             generator, g_opt = gen_state["generator"], gen_state["optimizer"]
 
         s_opt = torch.optim.SGD(student_params, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov,
@@ -345,7 +355,7 @@ class FDDA(Algorithm):
                                 snapshot = self._frozen_copy(qmodel, images[:1].to(device))
                         if train_student:
                             self._student_step(qmodel, teacher, real, fake, s_opt, w_quant, a_quant, observe_acts,
-                                               stats, device)
+                                               stats, device, compute_dtype)
                             s_sched.step()
                         elif observe_acts:
                             # Generator warm-up: the student only sees the inputs, so that its activation ranges
@@ -424,13 +434,27 @@ class FDDA(Algorithm):
 
     def _generator_step(self, state: dict, teacher, epoch: int, stats: EpochStats):
         p = self.params
-        generator, layers, device = state["generator"], state["layers"], state["running_mean"][0].device
+        device = state["running_mean"][0].device
         z = _drawn(torch.randn(p.batch_size, p.latent_dim), device)
         y = _drawn(torch.randint(0, state["num_classes"], (p.batch_size,)), device)
+        with precision.autocast(device, state.get("compute_dtype", torch.float32)):
+            loss, terms, fake, logits = self._generator_losses(state, teacher, epoch, z, y)
+        stats.watch("generator", loss)
+        state["optimizer"].zero_grad(set_to_none=True)
+        loss.backward()
+        state["optimizer"].step()
+        stats.add(g_loss=loss, g_acc=(logits.argmax(1) == y).float().mean().double() * 100, **terms)
+        return precision.float32(fake.detach()), y, precision.float32(logits.detach())
+
+    def _generator_losses(self, state: dict, teacher, epoch: int, z, y):
+        """The generator's loss, its terms (float32, whatever the networks computed in), the images and the
+        teacher's logits on them."""
+        p = self.params
+        generator, layers, device = state["generator"], state["layers"], state["running_mean"][0].device
         fake = generator(z, y)
         logits, means, variances = self._teacher_with_stats(teacher, layers, fake)
         all_layers = range(len(layers))
-        ce = F.cross_entropy(logits, y)
+        ce = F.cross_entropy(precision.float32(logits), y)
         bns = bns_distance(means, variances, state["running_mean"], state["running_var"], all_layers)
         loss = p.ce_weight * ce + p.bns_weight * bns
         terms = {"g_ce": ce, "g_bns": bns}
@@ -457,16 +481,10 @@ class FDDA(Algorithm):
                 noise_var = [_drawn(torch.randn(v.shape), v.device) for v in c_var]
                 dbns = 2.0 * bns_distance(means_c, vars_c, noise_mean, noise_var, all_layers)
                 cbns = torch.zeros((), device=device)
-            sce = F.cross_entropy(logits_c, ys)
+            sce = F.cross_entropy(precision.float32(logits_c), ys)
             loss = loss + p.dbns_weight * dbns + p.cbns_weight * cbns + p.single_ce_weight * sce
             terms.update(g_dbns=dbns, g_cbns=cbns, g_sce=sce)
-
-        stats.watch("generator", loss)
-        state["optimizer"].zero_grad(set_to_none=True)
-        loss.backward()
-        state["optimizer"].step()
-        stats.add(g_loss=loss, g_acc=(logits.argmax(1) == y).float().mean().double() * 100, **terms)
-        return fake.detach(), y, logits.detach()
+        return loss, terms, fake, logits
 
     @torch.no_grad()
     def _generator_report(self, state: dict, teacher, images, labels, run_dir, per_class: int = 16) -> dict:
@@ -508,16 +526,17 @@ class FDDA(Algorithm):
             return qmodel(x)
 
     def _student_step(self, qmodel, teacher, real: RealBatches, fake, optimizer, w_quant, a_quant,
-                      observe_acts: bool, stats: EpochStats, device) -> None:
+                      observe_acts: bool, stats: EpochStats, device, compute_dtype=torch.float32) -> None:
         p = self.params
         x, y = real.next()
         x, y = kernels.to_device(x, device), kernels.to_device(y, device)
-        with torch.no_grad():
-            t_logits = teacher(x)
-        if fake is not None:
-            fake_x, fake_y, fake_logits = fake
-            x, y, t_logits = torch.cat([x, fake_x]), torch.cat([y, fake_y]), torch.cat([t_logits, fake_logits])
-        logits = self._student_forward(qmodel, x, w_quant, a_quant, observe_acts)
+        with precision.autocast(device, compute_dtype):
+            with torch.no_grad():
+                t_logits = precision.float32(teacher(x))
+            if fake is not None:
+                fake_x, fake_y, fake_logits = fake
+                x, y, t_logits = torch.cat([x, fake_x]), torch.cat([y, fake_y]), torch.cat([t_logits, fake_logits])
+            logits = self._student_forward(qmodel, x, w_quant, a_quant, observe_acts)
         loss = kd_loss(logits, t_logits, y, p.temperature, p.alpha)
         stats.watch("student", loss)
         optimizer.zero_grad(set_to_none=True)

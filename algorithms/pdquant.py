@@ -21,6 +21,10 @@ Cost: the reference's DC is 500 steps per 32 images (16,000 unit forward/backwar
 adds a second unit forward and the network's remainder to every iteration (PD-Quant issue #4: several times
 QDrop). Adam moves each element of x̂ on its own, so a larger `dc_batch` changes little but the plateau schedule:
 fewer, larger steps, which pays where a large batch runs more efficiently (a GPU), not on one CPU thread.
+
+Precision (runtime.compute_dtype): the pass through the rest of the network runs inside the engine's loop, under
+its autocast; the correction steps run the probe under the same helper (`ptqkit.precision.autocast`). The KL term,
+the BN distances, x̂ and its Adam state are float32, and the corrected target FP_unit(x̂) is computed in float32.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from ptqkit.algorithms.qdrop import QDrop
 from ptqkit.algorithms.reconstruction import Part
 from ptqkit.quant.quantizers import fake_quantizers, fp_mode, keep_probability, quant_state
 from ptqkit.algorithms.registry import register
+from ptqkit import precision
 from ptqkit.errors import ConfigError
 from ptqkit.quant import hostsync, kernels
 from ptqkit.schema import spec
@@ -55,7 +60,8 @@ DC_PATIENCE, DC_MIN_LR = 100, 1e-5
 
 
 def prediction_difference(z_q: torch.Tensor, z_fp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(z_fp / T) || softmax(z_q / T)), summed over classes, averaged over the batch."""
+    """KL(softmax(z_fp / T) || softmax(z_q / T)), summed over classes, averaged over the batch, in float32."""
+    z_q, z_fp = precision.float32(z_q), precision.float32(z_fp)
     # Both sides as log-probabilities: equal logits give exactly 0.
     return F.kl_div(F.log_softmax(z_q / temperature, 1), F.log_softmax(z_fp / temperature, 1),
                     reduction="batchmean", log_target=True)
@@ -79,8 +85,10 @@ def sample_stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bn_distance(inputs: list[torch.Tensor], bns: list[nn.BatchNorm2d]) -> torch.Tensor:
-    """Σ over `bns` of the per-sample BN-statistics distance of their `inputs`, over the sample count."""
-    return sum(kernels.bn_distance(x, bn.running_mean, bn.running_var, BN_EPS) for x, bn in zip(inputs, bns))
+    """Σ over `bns` of the per-sample BN-statistics distance of their `inputs` (in float32, whatever the unit
+    computed them in), over the sample count."""
+    return sum(kernels.bn_distance(precision.float32(x), bn.running_mean, bn.running_var, BN_EPS)
+               for x, bn in zip(inputs, bns))
 
 
 def bn_probe(module: fx.GraphModule, bns: list[nn.BatchNorm2d]):
@@ -100,8 +108,11 @@ def bn_probe(module: fx.GraphModule, bns: list[nn.BatchNorm2d]):
 
 
 def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: torch.Tensor, params, device,
-                   store_device, dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+                   store_device, dtype, compute_dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """x̂ and FP_unit(x̂) over all of `fp_in`, and the BN distance (mean over chunks) before and after.
+    `compute_dtype` (runtime.compute_dtype): the probe's forward and backward in the steps; x̂, Adam's state, the
+    distance and the target FP_unit(x̂) stay float32.
 
     Per step the BN term goes through autograd (the probe and the per-sample statistics); the constraint
     ||x̂ − x||² / lamb_c and its gradient are one fused pass added to x̂'s gradient, and Adam is one pass too: on CPU
@@ -121,7 +132,9 @@ def correct_inputs(module: fx.GraphModule, bns: list[nn.BatchNorm2d], fp_in: tor
                 before.append(bn_distance(probe(x), bns).detach())
             with torch.enable_grad(), hostsync.loop():
                 for _ in range(params.dc_steps):
-                    bn_loss = bn_distance(probe(x_hat), bns)
+                    with precision.autocast(device, compute_dtype):
+                        inputs = probe(x_hat)
+                    bn_loss = bn_distance(inputs, bns)
                     opt.zero_grad()
                     bn_loss.backward(inputs=[x_hat])          # the unit's own weights need no gradient
                     constraint = kernels.sqdist_grad_(x_hat.detach(), x, x_hat.grad,
@@ -185,8 +198,9 @@ class PredictionDifferenceHooks(Hooks):
 class DistributionCorrectionHooks(Hooks):
     """PD-Quant's target: each unit's FP input corrected towards its BN statistics before the unit learns."""
 
-    def __init__(self, params: "DistributionCorrection", device: torch.device):
-        self.params, self.device = params, device
+    def __init__(self, params: "DistributionCorrection", device: torch.device,
+                 compute_dtype: torch.dtype = torch.float32):
+        self.params, self.device, self.compute_dtype = params, device, compute_dtype
 
     def unit_start(self, unit, module, cache, phase):
         p = self.params
@@ -195,7 +209,7 @@ class DistributionCorrectionHooks(Hooks):
             return cache
         start = time.perf_counter()
         fp_in, fp_out, before, after = correct_inputs(module, bns, cache.fp_in, p, self.device, cache.fp_in.device,
-                                                      cache.fp_in.dtype)
+                                                      cache.fp_in.dtype, self.compute_dtype)
         log.info("%s distribution correction: BN distance %.4g -> %.4g (%.1f s)", unit.name, before, after,
                  time.perf_counter() - start)
         return UnitCache(cache.q_in, fp_in, fp_out)   # the engine carries its own, uncorrected cache on
@@ -230,7 +244,7 @@ class DistributionCorrection(Part):
     name = "dc"
 
     def hooks(self, qmodel, units, ctx, method):
-        return DistributionCorrectionHooks(self, ctx.device)
+        return DistributionCorrectionHooks(self, ctx.device, precision.dtype_of(ctx.cfg.runtime.compute_dtype))
 
 
 @dataclass
