@@ -12,6 +12,7 @@ What a dispatch mode cannot see: `.tolist()` and `.numpy()` bypass dispatch (num
 cannot hide a GPU read; `.tolist()` could): `python -m ptqkit.tools.gpu_check` runs the same loops on a GPU under
 `torch.cuda.set_sync_debug_mode("error")`, which sees everything.
 """
+import dataclasses
 import traceback
 from collections import Counter
 
@@ -20,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, base_tree
+from ptqkit import precision
 from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.engine import Engine, EngineSettings
 from ptqkit.algorithms.registry import get_algorithm
@@ -85,9 +87,10 @@ def torch_ops_kernels(monkeypatch):
     monkeypatch.setenv("PTQKIT_KERNELS", "torch")
 
 
-def _method(resnet20, images, name, quant=None, **algo):
+def _method(resnet20, images, name, quant=None, compute_dtype="float32", **algo):
     quant = quant or {"w": {"bits": 2, "observer": "minmax"}, "a": {"bits": 4, "observer": "minmax"}}
-    cfg = validate(base_tree(quant=quant, algorithm={"name": name, "act_init_images": 32, **algo}))
+    cfg = validate(base_tree(quant=quant, algorithm={"name": name, "act_init_images": 32, **algo},
+                             runtime={"compute_dtype": compute_dtype}))
     ctx = RunContext(cfg, resnet20, images, torch.zeros(len(images)), CPU, show_progress=False)
     method = get_algorithm(name)(cfg.algorithm)
     phases = method.run_phases()
@@ -95,13 +98,14 @@ def _method(resnet20, images, name, quant=None, **algo):
     return method, ctx, qmodel, phases
 
 
-def _engine_loops(resnet20, images, name, pick, **algo) -> HostReads:
+def _engine_loops(resnet20, images, name, pick, compute_dtype="float32", **algo) -> HostReads:
     """`ITERS` iterations of every phase of the method on the unit `pick(units)`, under the mode."""
     torch.manual_seed(0)
-    method, ctx, qmodel, phases = _method(resnet20, images, name, iters=ITERS, **algo)
+    method, ctx, qmodel, phases = _method(resnet20, images, name, iters=ITERS, compute_dtype=compute_dtype, **algo)
     units = method.units(qmodel, ctx)
     hooks = method.hooks(qmodel, units, ctx)
-    engine = Engine(qmodel, [pick(units)], images, CPU, SETTINGS, hooks)
+    settings = dataclasses.replace(SETTINGS, compute_dtype=precision.dtype_of(compute_dtype))
+    engine = Engine(qmodel, [pick(units)], images, CPU, settings, hooks)
     with HostReads() as mode:
         history = engine.run(phases)
     assert [r["iterations"] for r in history] == [ITERS] * len(phases)
@@ -124,6 +128,16 @@ def test_pdquant_loop_and_its_distribution_correction_read_nothing_between_log_p
     """The prediction difference every iteration (the rest of the network with its quantizers switched off) and
     the distribution correction's steps with their plateau schedule: its log point is the end of the correction."""
     mode = _engine_loops(resnet20, cifar_calib[:64], "pdquant", lambda units: units[1], dc_steps=ITERS, dc_batch=32)
+    mode.check(ITERS)
+
+
+@pytest.mark.parametrize("name,algo", [
+    ("qdrop", {}),
+    ("pdquant", {"dc_steps": ITERS, "dc_batch": 32}),   # the rest of the network and the correction steps
+])
+def test_bfloat16_loops_read_nothing_between_log_points(resnet20, cifar_calib, name, algo):
+    """runtime.compute_dtype bfloat16: autocast's casts and the fake quantizers' float32 boundary add no read."""
+    mode = _engine_loops(resnet20, cifar_calib[:64], name, lambda units: units[1], compute_dtype="bfloat16", **algo)
     mode.check(ITERS)
 
 
