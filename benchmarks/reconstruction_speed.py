@@ -6,6 +6,7 @@ seed, iteration budget and thread count; then the shipped command end to end.
     python benchmarks/reconstruction_speed.py                         # ResNet-20 W2A4, 2,000 it/unit, 2 threads
     python benchmarks/reconstruction_speed.py --model mobilenet_v2 --bits W4A4 --iters 100 --images 128 \\
         --results benchmarks/results/reconstruction_speed_mobilenet_v2.md --no-end-to-end
+    python benchmarks/reconstruction_speed.py --compute-dtype bfloat16     # + the bf16 floor and engine rows
 
 What is timed, each in this process, one after another, on `--threads` torch threads:
 - floor, per unit: the unit's forward and backward in FP32 with every quantizer off (`fp_mode`), the same batch
@@ -18,6 +19,11 @@ What is timed, each in this process, one after another, on `--threads` torch thr
 - MQBench: every quantizer turned back into the stock MQBench class it derives from (`AdaRoundFakeQuantize`,
   `QDropFakeQuantize`, same state), then `ptq_reconstruction` with the same hyper-parameters; its loop alone is
   the time inside its `subgraph_reconstruction` (the iterations and their set-up), the rest is its caching.
+- with `--compute-dtype bfloat16` (runtime.compute_dtype), after the FP32 engine: the bf16 floor (the same units'
+  forward under `torch.autocast` with quantizers off, the loss in float32, the backward) and the engine again with
+  `compute_dtype` bfloat16 from the same calibrated model and seed. The JSON gets `bf16_floor_ratio` (bf16 engine
+  loop over the FP32 floor: what bf16 gains against the FP32 floor), `bf16_top1`, and the bf16 loop over the bf16
+  floor.
 - top-1 of both on the evaluation images with FP32 on the same images, and peak resident memory of each (the
   high-water mark reset before it).
 - end to end: the shipped command (`--end-to-end-config`, W2A4) as a user runs it, in a subprocess, with the load
@@ -82,8 +88,11 @@ def measure(fn):
     return out, time.perf_counter() - start, _rss_mb("VmHWM"), start_rss
 
 
-def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn) -> list[float]:
-    """Seconds per iteration of each unit's FP32 forward + backward (weight gradients only), quantizers off."""
+def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn,
+                dtype: torch.dtype = torch.float32) -> list[float]:
+    """Seconds per iteration of each unit's forward + backward (weight gradients only), quantizers off: in FP32, or
+    the forward under autocast to `dtype` as the engine's loop runs it (inputs, targets and the loss in FP32)."""
+    from ptqkit import precision
     from ptqkit.algorithms.engine import prefix_values, run_batched
     from ptqkit.algorithms.graph import unit_module
     from ptqkit.quant.quantizers import fp_mode
@@ -102,7 +111,9 @@ def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn) 
             try:
                 def step():
                     idx = torch.randint(0, len(inputs), (batch,))
-                    loss = loss_fn(module(inputs[idx]), targets[idx], 2.0)
+                    with precision.autocast(device, dtype):
+                        out = module(inputs[idx])
+                    loss = loss_fn(out, targets[idx], 2.0)
                     for w in weights:
                         w.grad = None
                     loss.backward()
@@ -119,10 +130,10 @@ def unit_floors(qmodel, units, images, device, batch: int, iters: int, loss_fn) 
     return floors
 
 
-def end_to_end(config: str, bits: str, out_dir: str) -> dict:
+def end_to_end(config: str, bits: str, out_dir: str, extra: tuple = ()) -> dict:
     w, a = bits.upper().lstrip("W").split("A")
     cmd = [sys.executable, "ptq_main.py", "--config", config, "--set", f"quant.w.bits={w}", "--set",
-           f"quant.a.bits={a}", "--set", f"runtime.output_dir={out_dir}", "--quiet"]
+           f"quant.a.bits={a}", "--set", f"runtime.output_dir={out_dir}", *extra, "--quiet"]
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -155,6 +166,8 @@ def main() -> int:
     parser.add_argument("--no-mqbench", action="store_true")
     parser.add_argument("--no-end-to-end", action="store_true")
     parser.add_argument("--end-to-end-config", default="configs/cifar10/resnet20_w4a4_qdrop.yaml")
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: also the bf16 floor and the engine with runtime.compute_dtype bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("MQBENCH").setLevel(logging.WARNING)
@@ -166,10 +179,14 @@ def main() -> int:
     from ptqkit.algorithms.base import RunContext
     from ptqkit.algorithms.engine import Engine, EngineSettings, reconstruction_loss
     from ptqkit.algorithms.registry import get_algorithm
-    from ptqkit.algorithms import heap, pipeline
+    from ptqkit import pipeline, precision
+    from ptqkit.algorithms import heap
     from ptqkit.quant import prepare as pq
     from ptqkit.config import validate
 
+    bf16 = args.compute_dtype == "bfloat16"
+    if bf16 and not precision.bf16_supported("cpu"):
+        raise SystemExit("--compute-dtype bfloat16: this CPU has no native bfloat16 (AVX512-BF16, AMX or ARM BF16)")
     load_start = os.getloadavg()
     tree = config_tree(args.model, args.assets, "hist_mse", args.images, 2.4, args.bits)
     if args.model == "resnet20":
@@ -209,11 +226,35 @@ def main() -> int:
         lambda: Engine(ours, units, calib, device, settings).run(phases))
     engine_top1 = top1(ours, eval_images, eval_labels)
     del ours
+    bf = None
+    if bf16:   # the same units from the same calibrated model and seed, the loop under autocast
+        with heap.retained_heap(True):
+            torch.manual_seed(1005)
+            floor_model = copy.deepcopy(calibrated)
+            bf_floors = unit_floors(floor_model, method.units(floor_model, ctx), calib, device, args.batch,
+                                    args.floor_iters, reconstruction_loss, torch.bfloat16)
+            del floor_model
+        ours_bf = copy.deepcopy(calibrated)
+        bf_units = method.units(ours_bf, ctx)
+        bf_settings = EngineSettings(batch_size=args.batch, show_progress=False, compute_dtype=torch.bfloat16)
+        torch.manual_seed(1005)
+        bf_history, bf_wall, bf_peak, bf_start_rss = measure(
+            lambda: Engine(ours_bf, bf_units, calib, device, bf_settings).run(phases))
+        bf = {"history": bf_history, "floors": bf_floors, "wall": bf_wall, "peak": bf_peak,
+              "start_rss": bf_start_rss, "top1": top1(ours_bf, eval_images, eval_labels),
+              "loop": sum(r["loop_seconds"] for r in bf_history),
+              "floor_loop": sum(f * r["iterations"] for f, r in zip(bf_floors, bf_history))}
+        del ours_bf
     unit_rows = []
     for record, floor in zip(history, floors):
         per_it = record["loop_seconds"] / record["iterations"]
         unit_rows.append({"unit": record["name"], "floor_ms": 1000 * floor, "engine_ms": 1000 * per_it,
                           "ratio": per_it / floor})
+    if bf:
+        for row, record, floor in zip(unit_rows, bf["history"], bf["floors"]):
+            per_it = record["loop_seconds"] / record["iterations"]
+            row.update(bf16_floor_ms=1000 * floor, bf16_engine_ms=1000 * per_it,
+                       bf16_over_fp32_floor=per_it / (row["floor_ms"] / 1000), bf16_over_bf16_floor=per_it / floor)
     engine_loop = sum(r["loop_seconds"] for r in history)
     floor_loop = sum(f * r["iterations"] for f, r in zip(floors, history))
     iters_total = sum(r["iterations"] for r in history)
@@ -252,9 +293,12 @@ def main() -> int:
         del stock, stock_out
     load_before_e2e = os.getloadavg()
 
-    e2e = None
+    e2e = e2e_bf16 = None
     if not args.no_end_to_end:
         e2e = end_to_end(args.end_to_end_config, args.bits, "runs/speed_end_to_end")
+        if bf16:
+            e2e_bf16 = end_to_end(args.end_to_end_config, args.bits, "runs/speed_end_to_end_bf16",
+                                  ("--set", "runtime.compute_dtype=bfloat16"))
 
     # ----------------------------------------------------------------------------------------- report
     engine_s_it = engine_loop / iters_total
@@ -269,14 +313,20 @@ def main() -> int:
         f"unit at batch {args.batch}; top-1 on {len(eval_images)} evaluation images, FP32 {fp32:.2f} %, "
         f"round-to-nearest from the shared calibration {rtn:.2f} %.", "",
         "## Loop alone, per unit (ms per iteration)", "",
-        "| unit | floor (FP32 fwd+bwd) | engine | engine / floor |" + (" MQBench |" if mq else ""),
-        "|---|---|---|---|" + ("---|" if mq else "")]
+        "| unit | floor (FP32 fwd+bwd) | engine | engine / floor |" + (" MQBench |" if mq else "")
+        + (" bf16 floor | bf16 engine | bf16 engine / FP32 floor |" if bf else ""),
+        "|---|---|---|---|" + ("---|" if mq else "") + ("---|---|---|" if bf else "")]
     for i, r in enumerate(unit_rows):
         mq_cell = f" {mq['unit_ms'][i]:.2f} |" if mq and len(mq["unit_ms"]) == len(unit_rows) else (" – |" if mq else "")
-        lines.append(f"| {r['unit']} | {r['floor_ms']:.2f} | {r['engine_ms']:.2f} | {r['ratio']:.2f} |{mq_cell}")
+        bf_cell = (f" {r['bf16_floor_ms']:.2f} | {r['bf16_engine_ms']:.2f} | {r['bf16_over_fp32_floor']:.2f} |"
+                   if bf else "")
+        lines.append(f"| {r['unit']} | {r['floor_ms']:.2f} | {r['engine_ms']:.2f} | {r['ratio']:.2f} |{mq_cell}"
+                     + bf_cell)
     lines.append(f"| **all ({iters_total} iterations)** | {1000 * floor_loop / iters_total:.2f} | "
                  f"{1000 * engine_s_it:.2f} | **{engine_loop / floor_loop:.2f}** |"
-                 + (f" {1000 * mq['loop'] / mq['iters']:.2f} |" if mq else ""))
+                 + (f" {1000 * mq['loop'] / mq['iters']:.2f} |" if mq else "")
+                 + (f" {1000 * bf['floor_loop'] / iters_total:.2f} | {1000 * bf['loop'] / iters_total:.2f} | "
+                    f"**{bf['loop'] / floor_loop:.2f}** |" if bf else ""))
     lines += ["", "## Side by side", "",
               "| | loop s | s / iteration (loop) | whole reconstruction s | peak RSS MB (start) | top-1 % | "
               "FP32 top-1 % |", "|---|---|---|---|---|---|---|",
@@ -290,6 +340,15 @@ def main() -> int:
            "engine_peak_rss_mb": engine_peak, "per_unit": unit_rows,
            "load_average_start": load_start[0], "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
+    if bf:
+        lines += [f"| bf16 floor | {bf['floor_loop']:.0f} | {bf['floor_loop'] / iters_total:.4f} | – | – | – | "
+                  f"{fp32:.2f} |",
+                  f"| ptqkit engine, bf16 | {bf['loop']:.0f} | {bf['loop'] / iters_total:.4f} | {bf['wall']:.0f} | "
+                  f"{bf['peak']:.0f} ({bf['start_rss']:.0f}) | {bf['top1']:.2f} | {fp32:.2f} |"]
+        out.update(bf16_floor_ratio=bf["loop"] / floor_loop, bf16_top1=bf["top1"],
+                   bf16_over_bf16_floor=bf["loop"] / bf["floor_loop"], bf16_engine_loop_seconds=bf["loop"],
+                   bf16_floor_loop_seconds=bf["floor_loop"], bf16_reconstruction_seconds=bf["wall"],
+                   bf16_peak_rss_mb=bf["peak"])
     if mq:
         mq_s_it = mq["loop"] / mq["iters"]
         lines.append(f"| MQBench ptq_reconstruction (stock) | {mq['loop']:.0f} | {mq_s_it:.4f} | {mq['wall']:.0f} | "
@@ -303,6 +362,10 @@ def main() -> int:
     lines += ["", f"Engine loop / floor, all units: **{engine_loop / floor_loop:.2f}x**; worst unit "
               f"{max(unit_rows, key=lambda r: r['ratio'])['unit']} "
               f"{max(r['ratio'] for r in unit_rows):.2f}x."]
+    if bf:
+        lines += ["", f"bf16 engine loop / FP32 floor, all units: **{bf['loop'] / floor_loop:.2f}x** "
+                  f"(bf16 loop / bf16 floor {bf['loop'] / bf['floor_loop']:.2f}x); top-1 {bf['top1']:.2f} in bf16 "
+                  f"against {engine_top1:.2f} in FP32 (one seed)."]
     if e2e:
         ps = e2e["phase_seconds"]
         lines += ["", "## End to end", "",
@@ -313,6 +376,16 @@ def main() -> int:
                   + f". It printed: `{e2e['line']}`"]
         out.update(end_to_end_seconds=e2e["seconds"], end_to_end_top1=e2e["top1"],
                    end_to_end_load=[e2e["load_before"][0], e2e["load_after"][0]], end_to_end_phases=ps)
+    if e2e_bf16:
+        ps = e2e_bf16["phase_seconds"]
+        lines += ["", f"With `runtime.compute_dtype=bfloat16`: `{e2e_bf16['command']}`: "
+                  f"**{e2e_bf16['seconds']:.0f} s** ({e2e_bf16['seconds'] / 60:.1f} min), load average "
+                  f"{e2e_bf16['load_before'][0]:.2f} before and {e2e_bf16['load_after'][0]:.2f} after; phases (s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in ps.items())
+                  + f". It printed: `{e2e_bf16['line']}`"]
+        out.update(bf16_end_to_end_seconds=e2e_bf16["seconds"], bf16_end_to_end_top1=e2e_bf16["top1"],
+                   bf16_end_to_end_load=[e2e_bf16["load_before"][0], e2e_bf16["load_after"][0]],
+                   bf16_end_to_end_phases=ps)
     out["load_average_end"] = os.getloadavg()[0]
     lines.append("")
     lines.append(f"Load average (1 min) at the end: {out['load_average_end']:.2f}.")
