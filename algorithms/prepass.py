@@ -8,8 +8,8 @@ channel i of conv1 with its BN folded in; r2_i: of conv2's input channel i), so 
 sqrt(r1_i · r2_i); the network computes the same function (ReLU is positively homogeneous). Pairs are swept
 until the scales settle. Where a BN follows conv1 the division goes into the BN's γ and β (the convolution's
 weights stay, and BN stays for PD-Quant's correction); with `quant.fold_bn: true` the folded weights are then
-the equalized ones. ReLU6 is not homogeneous: the paper replaces it by ReLU, which on the ImageNet sample asset's
-MobileNetV2 costs 10 points of FP32 top-1 (79.5 → 69.5 on 200 images); here a ReLU6 in an equalized pair becomes
+the equalized ones. ReLU6 is not homogeneous: the paper replaces it by ReLU, which changes the FP network itself
+(benchmarks/results/prepasses.md measures what that costs a MobileNetV2); here a ReLU6 in an equalized pair becomes
 a ReLU clipped per channel at 6 / s_i (`ChannelClippedReLU`), so the equalized network computes exactly the
 original function.
 Depthwise convolutions take part on either side.
@@ -18,8 +18,9 @@ Depthwise convolutions take part on either side.
 positions of each output channel of the weight-quantized layer (activations in full precision, earlier layers
 already corrected) is compared with the FP layer's on the same images, and the difference is taken off the
 layer's bias (a layer without one gets one). That removes the shift weight rounding puts into each channel's
-mean. The FP network the reconstruction engine targets is not changed: the FP biases are kept beside
-(`ptqkit.quant.state.fp_bias`) and swapped back in wherever the engine computes in full precision.
+mean. The FP network the reconstruction engine targets is not changed: each corrected layer keeps its FP bias in
+its `fp_bias` buffer (`ptqkit.quant.state.correct_bias`), swapped back in wherever the engine computes in full
+precision (`ptqkit.quant.state.fp_biases`).
 """
 from __future__ import annotations
 

@@ -241,7 +241,8 @@ def merge_ranges(quantizers) -> None:
             distributed.all_reduce(obs.max_val, distributed.ReduceOp.MAX)
         scale, zero_point = q.calculate_qparams()
         if q.scale.shape != scale.shape:
-            q.scale.data = torch.ones_like(scale)
+            # resized in place, the same Parameter: a multi-bit quantizer's `scale` is also its `scale_b<bits>`
+            q.scale.set_(torch.ones_like(scale))
             q.zero_point.resize_(zero_point.shape)
-        q.scale.data.copy_(scale.to(q.scale.device))
+        q.scale.copy_(scale.to(q.scale.device))
         q.zero_point.copy_(zero_point.to(q.zero_point.device))

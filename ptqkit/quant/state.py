@@ -5,6 +5,9 @@ than `load_state_dict`: per-channel scales, zero points and observer ranges are 
 only take their real shape [C] during calibration (`match_quantizer_shapes` resizes them to the saved shapes), and
 quantizer attributes that are not tensors (integer range, keep probability, MQBench's learned-rounding mode) are
 saved beside the state dict (`quantizer_attrs`) and put back (`restore_attrs`).
+
+Bias correction (ptqkit.algorithms.prepass) keeps each corrected layer's full-precision bias in an `fp_bias` buffer
+(`correct_bias`), outside the saved state; `fp_biases` swaps those back in for a scope.
 """
 from __future__ import annotations
 
@@ -69,7 +72,9 @@ def match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> N
         if attr in owner._parameters and owner._parameters[attr] is not None:
             param = owner._parameters[attr]
             if param.shape != saved.shape:
-                param.data = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
+                # resized in place, the same Parameter: a multi-bit quantizer's `scale` is also its `scale_b<bits>`
+                with torch.no_grad():
+                    param.set_(torch.empty(saved.shape, dtype=param.dtype, device=param.device))
         elif attr in owner._buffers and owner._buffers[attr] is not None:
             buf = owner._buffers[attr]
             if buf.shape != saved.shape:
@@ -77,29 +82,41 @@ def match_quantizer_shapes(qmodel: nn.Module, quantizer_names, state: dict) -> N
 
 
 # -------------------------------------------------------------------------------------- corrected biases
-_FP_BIAS = "_ptq_fp_bias"   # a plain attribute, not a buffer: the saved state holds the corrected bias only
+FP_BIAS = "fp_bias"
+
+
+def fp_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The full-precision bias of a bias-corrected layer (its `fp_bias` buffer); None for a layer never corrected."""
+    return getattr(layer, FP_BIAS, None)
 
 
 def correct_bias(layer: nn.Module, delta: torch.Tensor) -> None:
-    """Add `delta` to `layer`'s bias (a layer without one gets one), keeping its full-precision bias beside, for
-    `fp_biases`."""
-    if not hasattr(layer, _FP_BIAS):
-        setattr(layer, _FP_BIAS, None if layer.bias is None else layer.bias.detach().clone())
+    """Add `delta` to `layer`'s bias (a layer without one gets one). The first correction keeps the full-precision
+    bias (zeros where there was none) in the layer's `fp_bias` buffer, for `fp_biases`. The buffer is not persistent:
+    the saved state holds the corrected bias only, which is what the quantized model computes with."""
+    if fp_bias(layer) is None:
+        fp = (torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+              if layer.bias is None else layer.bias.detach().clone())
+        layer.register_buffer(FP_BIAS, fp, persistent=False)
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
                                               device=layer.weight.device), requires_grad=False)
-    layer.bias.data.add_(delta.to(layer.bias))
+    with torch.no_grad():
+        layer.bias.add_(delta.to(layer.bias))
 
 
 @contextlib.contextmanager
 def fp_biases(module: nn.Module):
-    """Inside: every corrected bias in `module` is its full-precision value again (zero where there was none)."""
+    """Inside: every corrected bias in `module` is its full-precision value again (`fp_bias`).
+
+    The values are swapped through `bias.data`, for this scope alone: each layer keeps its Parameter object, and
+    autograd does not see the swap."""
     swapped = []
     for m in module.modules():
-        if hasattr(m, _FP_BIAS):
-            fp = getattr(m, _FP_BIAS)
+        fp = fp_bias(m)
+        if fp is not None:
             swapped.append((m, m.bias.data))
-            m.bias.data = fp.to(m.bias) if fp is not None else torch.zeros_like(m.bias)
+            m.bias.data = fp.to(m.bias)
     try:
         yield
     finally:
