@@ -22,7 +22,7 @@ from ptqkit.errors import CheckpointError
 from ptqkit.files import read_blob, save_atomic
 from ptqkit.models import build_model
 from ptqkit.quant.prepare import prepare_quantized
-from ptqkit.quant.quantizers import fake_quantizers, make_multibit
+from ptqkit.quant.quantizers import fake_quantizers, make_multibit, reselect_bits
 from ptqkit.quant.state import add_missing_biases, match_quantizer_shapes, quantizer_attrs, restore_attrs
 
 FORMAT = "ptqkit-quantized-v1"
@@ -65,4 +65,6 @@ def load_quantized(path: str, device="cpu") -> tuple[nn.Module, object]:
     for q in quantizers.values():
         # The fake-quant switches come back from the state as saved; observing would move the loaded ranges.
         q.disable_observer()
-    return qmodel.to(device).eval(), cfg
+    qmodel.to(device)
+    reselect_bits(qmodel)                      # the move gave the multi-bit quantizers' zero points new objects
+    return qmodel.eval(), cfg

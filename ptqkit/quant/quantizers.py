@@ -441,6 +441,12 @@ class MultiBitActQuantizer(ActQuantizer):
     same Parameter / buffer objects as `scale_b<bits>` / `zero_point_b<bits>`), and `quant_min`, `quant_max`,
     `bitwidth` and the observer's range follow the selection, so the forward, the observers, export and saving
     see an ordinary quantizer at the selected bit-width, and learning `scale` learns the selected step.
+
+    `set_active_bits` is the one place that makes the alias. `Module.to` converts Parameters in place, so `scale`
+    stays aliased, but it gives every buffer it moves a new object, name by name: after a move to another device
+    `zero_point` is a copy of the selected `zero_point_b<bits>`, not the same tensor, until `reselect_bits(model)`
+    makes the alias again, as `from_quantizer` and `ptqkit.saving.load_quantized` do after theirs. (A dtype
+    conversion leaves the integer zero points alone.)
     """
 
     def __init__(self, observer, bit_set=(4, 6, 8), active_bits: int | None = None, **observer_kwargs):
@@ -465,7 +471,9 @@ class MultiBitActQuantizer(ActQuantizer):
             for bits in new.bit_set:
                 getattr(new, f"scale_b{bits}").copy_(q.scale.detach())
                 getattr(new, f"zero_point_b{bits}").copy_(q.zero_point)
-        return new.to(q.scale.device)
+        new.to(q.scale.device)
+        reselect_bits(new)
+        return new
 
     def set_active_bits(self, bits: int) -> None:
         bits = int(bits)
@@ -481,14 +489,6 @@ class MultiBitActQuantizer(ActQuantizer):
     def step_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, f"scale_b{bits}") for bits in self.bit_set]
 
-    def _apply(self, fn, *args, **kwargs):
-        # A dtype/device conversion may replace Parameter objects one name at a time, which would split the
-        # alias between `scale` and the selected `scale_b<bits>`: point it again.
-        super()._apply(fn, *args, **kwargs)
-        if self.active_bits is not None:
-            self.set_active_bits(self.active_bits)
-        return self
-
     def extra_repr(self):
         return super().extra_repr() + f", bit_set={list(self.bit_set)}, active_bits={self.active_bits}"
 
@@ -498,6 +498,13 @@ _mq_prepare.FakeQuantizeDict.setdefault("PTQMultiBitActQuantizer", MultiBitActQu
 
 def multibit_quantizers(module: nn.Module) -> list[MultiBitActQuantizer]:
     return [m for _, m in fake_quantizers(module) if isinstance(m, MultiBitActQuantizer)]
+
+
+def reselect_bits(module: nn.Module) -> None:
+    """Every multi-bit quantizer in `module` (or `module` itself) at its selected bit-width again, its `scale` and
+    `zero_point` the selected bit-width's tensors: after a move to another device (MultiBitActQuantizer)."""
+    for q in multibit_quantizers(module):
+        q.set_active_bits(q.active_bits)
 
 
 def make_multibit(gm: nn.Module, name: str, bit_set, active_bits: int) -> MultiBitActQuantizer:

@@ -1,5 +1,6 @@
 """PTMQ on the real ResNet-20 (the assets' checkpoint, real CIFAR-10 images): run-time switching of the activation
 bit-width, a reconstruction loss for every unit (first and last included), the bit-set checks, saving."""
+import copy
 import io
 import os
 from contextlib import redirect_stderr
@@ -10,7 +11,7 @@ import torch
 from ptqkit.algorithms.base import RunContext
 from ptqkit.algorithms.engine import Engine, EngineSettings
 from ptqkit.quant.quantizers import (MultiBitActQuantizer, act_quantizers, activation_bits, multibit_quantizers,
-                                   set_activation_bits)
+                                   reselect_bits, set_activation_bits)
 from ptqkit.algorithms.registry import get_algorithm
 from conftest import CIFAR, REPO, base_tree
 from ptqkit.config import validate
@@ -97,6 +98,23 @@ def test_switching_bits_changes_the_output_and_switching_back_restores_it_bit_ex
     with pytest.raises(ValueError, match=r"^5-bit activations are not available in this model \(bit set: 4, 6, 8\)$"):
         set_activation_bits(qmodel, 5)
     assert torch.equal(qmodel(x), reference)
+
+
+def test_after_a_move_reselect_bits_makes_the_zero_point_the_selected_one_again(quantized, eval_images):
+    _, _, qmodel, _, _, _, _ = quantized
+    moved = copy.deepcopy(qmodel)
+    moved._apply(torch.clone)        # what a move to another device does: each tensor converted to a new one
+    q = multibit_quantizers(moved)[0]
+    assert q.scale is q.scale_b4     # Parameters are converted in place
+    assert q.zero_point is not q.zero_point_b4 and torch.equal(q.zero_point, q.zero_point_b4)   # buffers are not
+    reselect_bits(moved)
+    assert all(q.scale is getattr(q, f"scale_b{q.active_bits}") and
+               q.zero_point is getattr(q, f"zero_point_b{q.active_bits}") for q in multibit_quantizers(moved))
+    x = eval_images[0][:16]
+    with torch.no_grad():
+        for bits in (4, 6, 8):
+            with activation_bits(qmodel, bits), activation_bits(moved, bits):
+                assert torch.equal(qmodel(x), moved(x))
 
 
 def test_first_and_last_units_receive_a_reconstruction_loss(quantized):
