@@ -19,6 +19,7 @@ The result is the single-process result up to the order in which images are draw
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import mqbench.utils.utils as mq_utils
@@ -68,11 +69,25 @@ def init(device_name: str) -> torch.device | None:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    # MQBench averages scales over processes inside every observed forward when it sees a process group at import
-    # time: a hidden collective that deadlocks when processes observe different numbers of batches. Ranges are
-    # merged here instead (union, as one process would get them).
-    mq_utils.USE_DDP = False
     return device
+
+
+@contextlib.contextmanager
+def observers_stay_local():
+    """Inside: MQBench's observers compute their scales from this process's ranges alone.
+
+    MQBench decides at import time whether to average every observer's scale and zero point over the processes
+    (`mqbench.utils.utils.USE_DDP`, true when a process group already exists then) and does it inside each
+    observed forward: a collective hidden in the model that deadlocks when processes observe different numbers of
+    batches, and an average of scales where the ranges should be merged. Ranges are merged here instead
+    (ptqkit.quant.prepare.merge_ranges: their union, as one process would get them). This is the one place that
+    sets MQBench's flag, and it is restored on exit."""
+    saved = mq_utils.USE_DDP
+    mq_utils.USE_DDP = False
+    try:
+        yield
+    finally:
+        mq_utils.USE_DDP = saved
 
 
 def shutdown() -> None:

@@ -249,7 +249,8 @@ def numerics(tf32: bool = False, deterministic: bool = False):
 def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool = True,
         resume: dict | None = None) -> dict:
     """`resume`: progress saved by an earlier start of this run in `run_dir` (ptqkit.algorithms.progress)."""
-    with torch_threads(cfg.runtime.threads), numerics(cfg.runtime.tf32, cfg.runtime.deterministic):
+    with torch_threads(cfg.runtime.threads), numerics(cfg.runtime.tf32, cfg.runtime.deterministic), \
+            distributed.observers_stay_local():
         return _run(cfg, run_dir, dry_run=dry_run, show_progress=show_progress, resume=resume)
 
 
