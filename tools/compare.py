@@ -53,8 +53,8 @@ SETTING_KEYS = ("model.name", "model.checkpoint", "model.kwargs", "data.root", "
                 "data.calibration.seed", "data.evaluation.split", "data.evaluation.limit")
 _PATH_KEYS = {"model.checkpoint", "data.root"}
 # runtime.seed makes repeats (the calibration draw's seed is part of the setting: other images, another measurement);
-# batch sizes, workers and runtime options do not change what is measured.
-# algorithm.retain_cpu_heap: the allocator setting's first place (now runtime.), in two recorded MRECG runs' configs.
+# batch sizes, workers and runtime options do not change what is measured. algorithm.retain_cpu_heap is a runtime
+# option too, under the name some recorded results files give it.
 _REPEAT_KEYS = ("data.calibration.batch_size", "data.evaluation.batch_size", "data.evaluation.workers",
                 "algorithm.retain_cpu_heap")
 _REPEAT_PREFIXES = ("runtime.",)
