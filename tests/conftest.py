@@ -20,7 +20,9 @@ from ptqkit import assets  # noqa: E402  (after the checkout is on the path)
 ASSETS = assets.root()
 CIFAR = os.path.join(ASSETS, "cifar10")
 IMAGENET = os.path.join(ASSETS, "imagenet")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`-n 2`: one worker per core) each worker computes on one thread, so that the workers do not
+# oversubscribe the cores; run alone, a test gets two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 # A cache of this test session's own (kernels, FP32 results), inherited by the runs it starts: no test sees a
 # figure an earlier test session left behind.
 os.environ["PTQKIT_CACHE"] = tempfile.mkdtemp(prefix="ptqkit-test-cache-")
@@ -49,6 +51,15 @@ def pytest_runtest_setup(item):
         if item.get_closest_marker(name) is not None and missing_assets(name):
             pytest.skip(f"{name} assets not under the assets root {ASSETS} (first missing: "
                         f"{missing_assets(name)[0]}); get them with {how}, or set PTQKIT_ASSETS")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now, for a torchrun rendezvous: tests run side by side (xdist
+    workers) must not share one."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cifar_checkpoint(depth: int) -> str:

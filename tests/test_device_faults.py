@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import IMAGENET, REPO, base_tree
+from conftest import IMAGENET, REPO, base_tree, free_port
 from ptqkit.quant import kernels
 
 
@@ -119,7 +119,7 @@ def test_torchrun_with_device_cuda_and_no_gpu_is_refused_in_one_line(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(base_tree(runtime={"device": "cuda", "output_dir": str(tmp_path / "run")})))
     env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29900 + os.getpid() % 90))
+               MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "ptq_main.py", "--quiet", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, base_tree, small_run_config
+from conftest import REPO, base_tree, free_port, small_run_config
 
 pytestmark = pytest.mark.cifar10
 
@@ -33,7 +33,7 @@ def _run(tmp_path, name: str, algorithm: dict, processes: int) -> dict:
         cmd = [sys.executable, "ptq_main.py", "--quiet", "--config", config]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(29500 + os.getpid() % 1000), "ptq_main.py", "--quiet", "--config", config]
+               "--master_port", str(free_port()), "ptq_main.py", "--quiet", "--config", config]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_an_algorithm_or_observer_that_cannot_merge_is_refused(tmp_path):
     path = tmp_path / "ema.yaml"
     path.write_text(yaml.safe_dump(tree))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 1000), "ptq_main.py", "--quiet", "--config", str(path)]
+           "--master_port", str(free_port()), "ptq_main.py", "--quiet", "--config", str(path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert ("error: config key 'quant.a.observer': expected minmax, mse or hist_mse under torchrun (EMA observers "

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.cifar10
 SETTINGS = ["quant.w.bits=2", "runtime.threads=2", "data.evaluation.limit=500"]
 
 
+@pytest.mark.slow   # a whole QDrop run in a subprocess (the daily tier has the engine's own tests)
 def test_qdrop_runs_end_to_end_and_beats_round_to_nearest(tmp_path):
     config = small_run_config(tmp_path, "qdrop", {"name": "qdrop", "iters": 150, "act_init_images": 64}, "hist_mse",
                               images=64, seed=3)

@@ -263,6 +263,7 @@ class _Stopped(Exception):
 
 
 @pytest.mark.cifar10
+@pytest.mark.slow   # two QDrop runs and a resume
 def test_a_mixed_qdrop_run_stopped_and_resumed_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
     """The run folder's config.yaml holds the allocation as quant.layers: a resumed run rebuilds the same mixed
     model, loads the saved units into it and ends where an uninterrupted run of the same seed ends."""
