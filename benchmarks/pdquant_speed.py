@@ -72,8 +72,8 @@ def main() -> int:
     from ptqkit.algorithms.pdquant import bn_probe, correct_inputs, prediction_difference
     from ptqkit.quant.quantizers import fp_mode
     from ptqkit.algorithms.registry import get_algorithm
-    from ptqkit.algorithms import heap, pipeline
-    from ptqkit.quant import prepare as pq
+    from ptqkit import pipeline
+    from ptqkit.algorithms import heap
     from ptqkit.config import validate
 
     load_start = os.getloadavg()
