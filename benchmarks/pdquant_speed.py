@@ -14,6 +14,8 @@ What is timed, unit by unit, on the same calibrated model, images and thread cou
 - DC floor: the forward of the unit prefix that feeds its BN layers and the backward to the corrected input
   (nothing else), on `--dc-batch` images. DC: `correct_inputs` for `--dc-steps` Adam steps on the same images,
   seconds per step and per image (for the protocol's 500 steps).
+- with `--compute-dtype bfloat16`: PD-Quant's loop (rerun) and DC again with their forward and backward in
+  bfloat16 (runtime.compute_dtype), beside the float32 figures, from the same copies and seed.
 """
 from __future__ import annotations
 
@@ -58,8 +60,11 @@ def main() -> int:
     parser.add_argument("--assets", default=ptq_assets.root(),
                         help="the assets root (docs/ASSETS.md; default $PTQKIT_ASSETS, else ~/.cache/ptqkit/assets)")
     parser.add_argument("--results", default="benchmarks/results/pdquant_speed.md")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: also PD-Quant's loop and DC in bf16, beside float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    bf16 = args.compute_dtype == "bfloat16"
     logging.getLogger("MQBENCH").setLevel(logging.WARNING)
     import warnings
     warnings.filterwarnings("ignore")
@@ -124,16 +129,20 @@ def main() -> int:
                 w.grad = None
             row = {"unit": unit.name, "pd_floor_ms": 1000 * floor}
             # PD-Quant's loop, each variant on a fresh copy of the calibrated model, only this unit
-            for variant in ("rerun", "shared"):
+            variants = [("rerun", torch.float32), ("shared", torch.float32)] + (
+                [("rerun", torch.bfloat16)] if bf16 else [])
+            for variant, dtype in variants:
                 qv = copy.deepcopy(calibrated)
                 uv = method.units(qv, ctx)
                 params = copy.deepcopy(p)
                 params.pd_output = variant
                 hooks = get_algorithm("pdquant")(params).hooks(qv, uv, ctx)
-                engine = Engine(qv, uv[k:k + 1], calib, device, EngineSettings(show_progress=False), hooks)
+                engine = Engine(qv, uv[k:k + 1], calib, device,
+                                EngineSettings(show_progress=False, compute_dtype=dtype), hooks)
                 torch.manual_seed(1005)
                 record = engine.run(method.phases())[0]
-                row[f"pd_{variant}_ms"] = 1000 * record["loop_seconds"] / record["iterations"]
+                key = f"pd_{variant}_ms" if dtype == torch.float32 else f"pd_{variant}_bf16_ms"
+                row[key] = 1000 * record["loop_seconds"] / record["iterations"]
             # distribution correction
             bns = [m for m in unit.modules.values() if isinstance(m, nn.BatchNorm2d)]
             if bns:
@@ -152,6 +161,10 @@ def main() -> int:
                 seconds = time.perf_counter() - start
                 row["dc_step_ms"] = 1000 * seconds / args.dc_steps
                 row["dc_s_per_image_500"] = seconds / args.dc_steps * 500 / len(chunk)
+                if bf16:
+                    start = time.perf_counter()
+                    correct_inputs(module, bns, chunk, dc_params, device, device, torch.float32, torch.bfloat16)
+                    row["dc_step_bf16_ms"] = 1000 * (time.perf_counter() - start) / args.dc_steps
             rows.append(row)
             print(json.dumps(row))
 
@@ -179,11 +192,24 @@ def main() -> int:
                  f"**{ratio(tot['pd_shared_ms'], tot['pd_floor_ms'])}** | {tot['dc_floor_ms']:.2f} | "
                  f"{tot['dc_step_ms']:.2f} | **{ratio(tot['dc_step_ms'], tot['dc_floor_ms'])}** | "
                  f"{tot['dc_s_per_image_500']:.3f} |")
+    if bf16:
+        tot["pd_rerun_bf16_ms"] = sum(r["pd_rerun_bf16_ms"] for r in rows)
+        tot["dc_step_bf16_ms"] = sum(r.get("dc_step_bf16_ms", 0.0) for r in rows)
+        lines += ["", "bfloat16 (`runtime.compute_dtype`), the same units, copies and seed:", "",
+                  "| unit | PD-Quant rerun ms, float32 | bfloat16 | bf16 / float32 | DC ms/step, float32 | bfloat16 | "
+                  "bf16 / float32 |", "|---|---|---|---|---|---|---|"]
+        for r in rows + [{"unit": "**all units**", **tot}]:
+            dc = (f"{r['dc_step_ms']:.2f} | {r['dc_step_bf16_ms']:.2f} | {ratio(r['dc_step_bf16_ms'], r['dc_step_ms'])}"
+                  if r.get("dc_step_bf16_ms") else "– | – | –")
+            lines.append(f"| {r['unit']} | {r['pd_rerun_ms']:.2f} | {r['pd_rerun_bf16_ms']:.2f} | "
+                         f"{ratio(r['pd_rerun_bf16_ms'], r['pd_rerun_ms'])} | {dc} |")
     text = "\n".join(lines + [""])
     print(text)
     rr.write_results(os.path.join(REPO, args.results), text)
     with open(os.path.join(REPO, os.path.splitext(args.results)[0] + ".json"), "w") as f:
         json.dump({"threads": args.threads, "iters": args.iters, "rows": rows, "totals": tot,
+                   "bf16_over_fp32_pd": tot["pd_rerun_bf16_ms"] / tot["pd_rerun_ms"] if bf16 else None,
+                   "bf16_over_fp32_dc": tot["dc_step_bf16_ms"] / tot["dc_step_ms"] if bf16 else None,
                    "load_average": [load_start[0], os.getloadavg()[0]]}, f, indent=2)
     return 0
 
