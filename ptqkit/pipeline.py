@@ -255,24 +255,10 @@ def run(cfg: Config, run_dir: str, *, dry_run: bool = False, show_progress: bool
 
 
 def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resume: dict | None) -> dict:
-    device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
-    precision.check(cfg.runtime.compute_dtype, device)   # bfloat16 where the device has none: refused here
-    reset_cuda_run_peak(device)
-    # one stream per process: each draws its own batches and drop masks (rank 0 is the single-process run)
-    seed_everything(cfg.runtime.seed + distributed.rank())
+    device, algorithm_cls = _start(cfg, run_dir, resume)
     timer = PhaseTimer()
-    algorithm_cls = get_algorithm(cfg.algorithm.name)
-    if distributed.world_size() > 1:
-        check_multi_process(cfg, algorithm_cls(cfg.algorithm))
-    if resume is None and distributed.is_main():
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-
     with timer("model"):  # before the data: a mismatched checkpoint should fail in a second
-        fp_model = build_fp_model(cfg, device)
-        trace_check(fp_model, cfg.model.leaf_modules)
-        # quant.layers patterns against the model's layers, before any data is read
-        layer_bits.check_patterns(cfg.quant.layers, layer_bits.fp_layers(fp_model), cfg.model.name)
+        fp_model = _checked_fp_model(cfg, device)
     with timer("data"):
         splits = data.make_splits(cfg.data)
         calib_images, calib_labels = data.draw_calibration(splits, cfg.data.calibration)
@@ -285,19 +271,9 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
              cfg.model.name, quant_summary(cfg), cfg.algorithm.name, len(calib_images),
              len(splits.evaluation_indices), device,
              f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
-    mixed = None
-    if cfg.quant.mixed.enabled:   # the allocation becomes quant.layers entries of cfg (docs/MIXED_PRECISION.md)
-        with timer("mixed_precision"):
-            mixed = sensitivity.apply_mixed(cfg, fp_model, calib_images, calib_labels, device, run_dir,
-                                            dry_run=dry_run, show_progress=show_progress)
-    elif resume is not None:
-        # the first start turned the allocation into the config.yaml this run was rebuilt from; its record stays
-        mixed = sensitivity.read_mixed_record(run_dir)
+    mixed = _mixed_precision(ctx, timer, dry_run)
     if dry_run:
-        layers = sensitivity.describe_layers(cfg, fp_model, calib_images[:1].to(device))
-        notes = [] if mixed is None else [sensitivity.plan_line(mixed) if "allocation" in mixed else mixed["note"]]
-        # led by a blank line: the command prints the resolved config's YAML just before, and readers split there
-        return {"dry_run": "\n" + "\n\n".join(notes + [layers] + [t for t in [algorithm.describe(ctx)] if t])}
+        return {"dry_run": _plan(ctx, algorithm, mixed)}
     ctx.evaluate = lambda model, desc: evaluate(model, loader, device, desc, show_progress)
 
     with timer("fp32_eval"):
@@ -318,11 +294,70 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
     log.info("%s %s top-1 %.2f %% (FP32 %.2f %% on the same %d images)", cfg.algorithm.name,
              quant_summary(cfg, size), quant["top1"], fp32["top1"], quant["images"])
     extra = algorithm.extra_evaluations(ctx, qmodel, ctx.evaluate)
+    results = _results(ctx, timer, fp32_reused, quant, size, mixed, extra)
+    if distributed.is_main():
+        write_json(os.path.join(run_dir, "results.json"), results)
+    return results
+
+
+def _start(cfg: Config, run_dir: str, resume: dict | None) -> tuple[torch.device, type]:
+    """This process's device (torchrun's group joined), its seeds, the algorithm's class (refused under torchrun
+    when it cannot run there), and on a first start the run folder's config.yaml."""
+    device = distributed.init(cfg.runtime.device) or select_device(cfg.runtime.device)
+    precision.check(cfg.runtime.compute_dtype, device)   # bfloat16 where the device has none: refused here
+    reset_cuda_run_peak(device)
+    # one stream per process: each draws its own batches and drop masks (rank 0 is the single-process run)
+    seed_everything(cfg.runtime.seed + distributed.rank())
+    algorithm_cls = get_algorithm(cfg.algorithm.name)
+    if distributed.world_size() > 1:
+        check_multi_process(cfg, algorithm_cls(cfg.algorithm))
+    if resume is None and distributed.is_main():
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+    return device, algorithm_cls
+
+
+def _checked_fp_model(cfg: Config, device) -> nn.Module:
+    """The FP model, with what can be checked before any data is read: it traces, and the quant.layers patterns
+    match its layers."""
+    fp_model = build_fp_model(cfg, device)
+    trace_check(fp_model, cfg.model.leaf_modules)
+    layer_bits.check_patterns(cfg.quant.layers, layer_bits.fp_layers(fp_model), cfg.model.name)
+    return fp_model
+
+
+def _mixed_precision(ctx: RunContext, timer: PhaseTimer, dry_run: bool) -> dict | None:
+    """`quant.mixed`: the allocation, which becomes quant.layers entries of the run's config
+    (docs/MIXED_PRECISION.md), and its record for results.json (None without mixed precision)."""
+    cfg = ctx.cfg
+    if cfg.quant.mixed.enabled:
+        with timer("mixed_precision"):
+            return sensitivity.apply_mixed(cfg, ctx.fp_model, ctx.calib_images, ctx.calib_labels, ctx.device,
+                                           ctx.run_dir, dry_run=dry_run, show_progress=ctx.show_progress)
+    if ctx.resume is not None:
+        # the first start turned the allocation into the config.yaml this run was rebuilt from; its record stays
+        return sensitivity.read_mixed_record(ctx.run_dir)
+    return None
+
+
+def _plan(ctx: RunContext, algorithm, mixed: dict | None) -> str:
+    """What a dry run prints after the resolved config: the mixed-precision note, the per-layer table, the
+    algorithm's plan."""
+    layers = sensitivity.describe_layers(ctx.cfg, ctx.fp_model, ctx.calib_images[:1].to(ctx.device))
+    notes = [] if mixed is None else [sensitivity.plan_line(mixed) if "allocation" in mixed else mixed["note"]]
+    # led by a blank line: the command prints the resolved config's YAML just before, and readers split there
+    return "\n" + "\n\n".join(notes + [layers] + [t for t in [algorithm.describe(ctx)] if t])
+
+
+def _results(ctx: RunContext, timer: PhaseTimer, fp32_reused: bool, quant: dict, size: dict, mixed: dict | None,
+             extra: dict | None) -> dict:
+    """results.json's contents."""
+    cfg, fp32 = ctx.cfg, ctx.fp32
     results = {
         "model": cfg.model.name, "algorithm": cfg.algorithm.name, "bits": quant_summary(cfg, size),
         "fp32": fp32, "fp32_reused": fp32_reused, "quant": quant, "drop_top1": round(fp32["top1"] - quant["top1"], 3),
-        "calibration_images": len(calib_images), "evaluation_images": quant["images"],
-        "seconds": timer.seconds, "memory": peak_memory_mb(device), "device": str(device),
+        "calibration_images": len(ctx.calib_images), "evaluation_images": quant["images"],
+        "seconds": timer.seconds, "memory": peak_memory_mb(ctx.device), "device": str(ctx.device),
         "versions": versions(), "config": cfg.to_dict(), "algorithm_results": ctx.results,
         "processes": distributed.world_size(),
     }
@@ -331,9 +366,7 @@ def _run(cfg: Config, run_dir: str, *, dry_run: bool, show_progress: bool, resum
         results["mixed_precision"] = mixed
     if extra:
         results["extra_evaluations"] = extra
-    if resume is not None:
-        results["resumed"] = {"after_phase": resume["phase"], "after_unit": resume["unit"],
+    if ctx.resume is not None:
+        results["resumed"] = {"after_phase": ctx.resume["phase"], "after_unit": ctx.resume["unit"],
                               "note": "seconds cover the last start only"}
-    if distributed.is_main():
-        write_json(os.path.join(run_dir, "results.json"), results)
     return results
