@@ -63,12 +63,17 @@ def to_stock_mqbench(qmodel) -> None:
     """Every ptqkit quantizer back to the MQBench class it derives from; the state stays as calibrated."""
     from mqbench.fake_quantize.adaround_quantizer import AdaRoundFakeQuantize
     from mqbench.fake_quantize.qdrop_quantizer import QDropFakeQuantize
-    from ptqkit.quant.quantizers import ActQuantizer, WeightQuantizer, fake_quantizers
+    from ptqkit.quant.quantizers import ActQuantizer, Switches, WeightQuantizer, fake_quantizers
+    # Python refuses a __class__ change between classes whose bases differ in layout; with this toolkit's switch
+    # mixin kept (its enable_/disable_ methods write MQBench's own buffers, as the stock ones do), every forward,
+    # backward and observer is MQBench's.
+    stock_weight = type("AdaRoundFakeQuantize", (Switches, AdaRoundFakeQuantize), {})
+    stock_act = type("QDropFakeQuantize", (Switches, QDropFakeQuantize), {})
     for _, q in fake_quantizers(qmodel):
         if isinstance(q, WeightQuantizer):
-            q.__class__ = AdaRoundFakeQuantize
+            q.__class__ = stock_weight
         elif isinstance(q, ActQuantizer):
-            q.__class__ = QDropFakeQuantize
+            q.__class__ = stock_act
 
 
 @torch.no_grad()

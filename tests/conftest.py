@@ -6,6 +6,7 @@ tests are skipped with one reason naming the fetch command, and the rest of the 
 Decoded image tensors are cached per test session so that several tests can evaluate on them cheaply."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -106,6 +107,22 @@ def torch_threads_are_left_as_found():
     before = torch.get_num_threads()
     yield
     assert torch.get_num_threads() == before, f"torch's thread count left at {torch.get_num_threads()}, was {before}"
+
+
+@pytest.fixture(autouse=True)
+def root_logging_is_left_as_found():
+    """Commands run in-process (ptq_main's main, the tools) configure the root logger as a command does, with a
+    handler on the sys.stderr of that moment, which pytest closes after the test; a later test in the same process
+    would log into the closed stream. Each test starts from the root logger as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
