@@ -27,6 +27,10 @@ class AlgorithmConfig:
         """Resolve defaults that depend on the rest of the config (the model's `algorithm_defaults` are applied
         before this is called)."""
 
+    def default_bound_grad(self) -> str:
+        """`quant.a.bound_grad` where the config leaves it null: the method's own convention."""
+        return "pass"
+
 
 @dataclass
 class RunContext:

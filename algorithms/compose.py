@@ -84,6 +84,10 @@ class ComposeConfig(GroupingKeys, MixerKeys, PDKeys, ReconstructionConfig):
     act_bits: Any = spec(None, doc="null = one bit-width (quant.a.bits); paper = PTMQ's set for quant.w.bits; or "
                                    "groups low, mid, high, e.g. [4, 6, 8]")
 
+    def default_bound_grad(self) -> str:
+        """The preset's method's own (stop for brecq_joint), else QDrop's."""
+        return PRESETS[self.preset][0].Config.default_bound_grad(self) if self.preset else "pass"
+
     def check(self, path: str) -> None:
         GroupingKeys.check(self, path)                          # the scheme's form
         PDKeys.check(self, path)

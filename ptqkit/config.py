@@ -114,11 +114,13 @@ class TensorQuant:
 class ActivationQuant(TensorQuant):
     bits: Optional[int] = spec(4, lo=2, hi=8, doc="null = no activation quantizer anywhere (weight-only "
                                                   "quantization, the W*A32 rows of the AdaRound and BRECQ tables)")
-    bound_grad: str = spec("pass", choices=BOUND_GRADS,
-                           doc="gradient, while steps learn, of an element rounded onto the lowest or highest level: "
-                               "pass = as inside the grid (LSQ; the BRECQ/QDrop code on the torch it was written "
-                               "for); stop = as clipped (what MQBench's formula gets from the clamp of the torch "
-                               "here, 2.14, pytorch/pytorch#184574; docs/MQBENCH_GAP.md)")
+    bound_grad: Optional[str] = spec(None, choices=BOUND_GRADS,
+                                     doc="gradient, while steps learn, of an element rounded onto the lowest or "
+                                         "highest level: pass = as inside the grid (LSQ; the BRECQ/QDrop code on the "
+                                         "torch it was written for); stop = as clipped (what MQBench's formula gets "
+                                         "from the clamp of the torch here, 2.14, pytorch/pytorch#184574; "
+                                         "docs/MQBENCH_GAP.md); null = the method's own: stop for brecq_joint, pass "
+                                         "for the others")
 
 
 def _weights_default():
@@ -417,6 +419,8 @@ def validate(tree: dict, search_dirs=()) -> Config:
     apply_algorithm_defaults(params, model.algorithm_defaults)
     cfg = Config(model=model, data=data, quant=quant, algorithm=params, runtime=runtime, custom_imports=custom)
     params.finalize(cfg)
+    if quant.a.bound_grad is None:
+        quant.a.bound_grad = params.default_bound_grad()
     return cfg
 
 

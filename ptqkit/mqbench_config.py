@@ -66,7 +66,8 @@ CORRESPONDENCE = [
     ("quantize.reconstruction.prob", "algorithm.prob, algorithm.input_prob", "QDrop's drop rule (both, as MQBench)"),
     ("(MQBench: activation steps from calibration)", "algorithm.act_init_images: 0", "set unless given"),
     ("(MQBench's fake-quant gradient on torch 2.14)", "quant.a.bound_grad: stop",
-     "not set: the default `pass` is the papers' gradient (docs/MQBENCH_GAP.md); `bound_grad` in a drop-in config"),
+     "not set: the method's own (`stop` for brecq_joint, `pass`, the papers' gradient, for the others; "
+     "docs/MQBENCH_GAP.md); `bound_grad` in a drop-in config"),
     ("model.type", "model.name", "resnet18, resnet50, mobilenet_v2, regnetx_600m, regnetx_3200m, or a zoo name"),
     ("model.kwargs", "model.kwargs", ""),
     ("model.path", "model.checkpoint", "MQBench's `{'model': ...}` MobileNetV2 files load as they are"),

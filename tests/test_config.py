@@ -24,6 +24,19 @@ def test_base_inheritance_and_set_overrides():
     assert cfg.data.evaluation.limit == 100
 
 
+@pytest.mark.parametrize("algorithm,given,resolved", [
+    ({"name": "brecq_joint"}, None, "stop"), ({"name": "brecq_joint"}, "pass", "pass"),
+    ({"name": "qdrop"}, None, "pass"), ({"name": "qdrop"}, "stop", "stop"), ({"name": "adaround"}, None, "pass"),
+    ({"name": "compose", "preset": "brecq_joint"}, None, "stop"), ({"name": "compose"}, None, "pass")])
+def test_bound_grad_left_unset_is_the_methods_own_and_a_set_one_wins(algorithm, given, resolved):
+    """brecq_joint defaults to `stop`, every other method to `pass`; a compose preset takes its method's; the
+    resolved value is what the run folder's config.yaml records (a resumed run keeps it)."""
+    quant = {} if given is None else {"a": {"bound_grad": given}}
+    cfg = validate(base_tree(algorithm=algorithm, quant=quant))
+    assert cfg.quant.a.bound_grad == resolved
+    assert validate(cfg.to_dict()).quant.a.bound_grad == resolved
+
+
 @pytest.mark.imagenet_sample
 @pytest.mark.parametrize("model,weight", [("mobilenet_v2", 0.1), ("mnasnet2_0", 0.2), ("resnet18", 0.01)])
 def test_per_architecture_rounding_weight_comes_from_the_model_config(model, weight):

@@ -172,7 +172,8 @@ def prepare_quantized(fp_model: nn.Module, qcfg, leaf_modules=()) -> tuple[torch
     if qcfg.a.bits is None:
         return gm, _apply_layers(gm, _weight_only(gm, layout, qcfg), qcfg, fp_model)
     for q in act_quantizers(gm):
-        q.bound_grad = qcfg.a.bound_grad
+        # null outside a validated config (which resolves it to the method's own): the quantizer's default
+        q.bound_grad = qcfg.a.bound_grad or q.bound_grad
     if layout.last_input_quantizer is not None:
         bits = qcfg.last_layer_a_bits
         set_bits(modules[layout.last_input_quantizer], qcfg.a.bits if bits is None else bits)
