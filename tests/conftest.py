@@ -63,6 +63,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """ptq_main.py's main in this process: (exit status, stdout, stderr). What a subprocess would check, without a
+    new interpreter and torch import per test; tests/test_config.py runs the script itself once."""
+    import ptq_main
+    status = ptq_main.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def cifar_checkpoint(depth: int) -> str:
     names = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th",
              56: "resnet56-4bfd9763.th"}

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ASSETS, CIFAR, REPO, base_tree, cifar_checkpoint
+from conftest import ASSETS, CIFAR, REPO, base_tree, cifar_checkpoint, run_main
 from ptqkit.config import apply_overrides, deep_merge, load_config, load_yaml_tree, validate
 from ptqkit.errors import ConfigError, UserError
 
@@ -123,18 +123,19 @@ def test_cli_resnet56_checkpoint_for_resnet20_is_one_line_and_exit_2(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_cli_set_takes_several_pairs(tmp_path):
-    proc = _cli(tmp_path, base_tree(), "--dry-run", "--set", "quant.w.bits=2", "quant.a.bits=3",
-                "--set", "runtime.seed=7")
-    assert proc.returncode == 0, proc.stderr
-    resolved = yaml.safe_load(proc.stdout.split("\n\n")[0])
+def test_cli_set_takes_several_pairs(tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(base_tree()))
+    status, out, err = run_main(capsys, "--config", str(path), "--dry-run", "--set", "quant.w.bits=2", "quant.a.bits=3",
+                                "--set", "runtime.seed=7")
+    assert status == 0, err
+    resolved = yaml.safe_load(out.split("\n\n")[0])
     assert (resolved["quant"]["w"]["bits"], resolved["quant"]["a"]["bits"], resolved["runtime"]["seed"]) == (2, 3, 7)
 
 
-def test_cli_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "ptq_main.py"), "--config", "nope.yaml"],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: config file 'nope.yaml': not found"
+def test_cli_missing_config_file(capsys):
+    status, _, err = run_main(capsys, "--config", "nope.yaml")
+    assert status == 2 and err.strip() == "error: config file 'nope.yaml': not found"
 
 
 _BRANCHY = """

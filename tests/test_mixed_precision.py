@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, base_tree
+from conftest import base_tree, run_main
 from ptqkit.errors import ConfigError
 from ptqkit.quant import allocate, size
 
@@ -309,19 +309,15 @@ def test_a_mixed_qdrop_run_stopped_and_resumed_ends_as_an_uninterrupted_one(tmp_
 
 
 @pytest.mark.cifar10
-def test_dry_run_with_a_sensitivity_file_prints_the_allocated_layers(tmp_path):
-    import subprocess
-    import sys
+def test_dry_run_with_a_sensitivity_file_prints_the_allocated_layers(tmp_path, capsys):
     sens = _fake_sensitivity(tmp_path / "sens.json", RESNET20_LAYERS)
     tree = base_tree(quant={"mixed": {"budget": {"avg_w_bits": 3.0}, "sensitivity": sens}},
                      runtime={"output_dir": str(tmp_path / "run")})
     tree["data"]["calibration"]["num_images"] = 8
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "ptq_main.py"), "--config", str(tmp_path / "cfg.yaml"),
-                           "--dry-run"], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+    status, out, err = run_main(capsys, "--config", str(tmp_path / "cfg.yaml"), "--dry-run")
+    assert status == 0, err[-2000:]
+    lines = out.splitlines()
     plan = next(line for line in lines if line.startswith("mixed precision: "))
     assert plan.startswith("mixed precision: budget avg_w_bits 3 (used 2.9") and f"sensitivity {sens}" in plan
     head = lines.index(next(line for line in lines if line.startswith("per-layer quantization")))

@@ -3,14 +3,12 @@ later entries win, the 8-bit conventions keep their layers unless an entry names
 the layer's input (shared where layers read the same value), learned rounding uses each layer's own grid, a
 pattern matching nothing is one line with exit status 2, and a dry run prints the per-layer table."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, base_tree
+from conftest import base_tree, run_main
 from ptqkit.config import validate
 from ptqkit.errors import ConfigError
 from ptqkit.quant import layer_bits
@@ -143,32 +141,31 @@ def test_activation_settings_are_refused_for_weight_only():
     assert str(err.value).startswith("config key 'quant.layers[0].a': expected no activation settings")
 
 
-def _cli(tmp_path, tree, *args):
+def _cli(tmp_path, capsys, tree, *args) -> tuple[int, str, str]:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tree))
-    return subprocess.run([sys.executable, os.path.join(REPO, "ptq_main.py"), "--config", str(path), "--quiet",
-                           *args], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_main(capsys, "--config", str(path), "--quiet", *args)
 
 
-def test_cli_refuses_a_pattern_matching_nothing_in_one_line(tmp_path):
+def test_cli_refuses_a_pattern_matching_nothing_in_one_line(tmp_path, capsys):
     tree = base_tree(quant={"layers": [{"match": "features.1.conv.*", "w": {"bits": 2}}]},
                      runtime={"output_dir": str(tmp_path / "run"), "device": "cpu"})
-    proc = _cli(tmp_path, tree)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    status, _, err = _cli(tmp_path, capsys, tree)
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
         "error: config key 'quant.layers[0].match': expected a pattern matching a conv/linear layer of "
         "cifar_resnet20 (20 layers: conv1, layer1.0.conv1, layer1.0.conv2, ..., linear), got 'features.1.conv.*'")
-    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run")
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "run")
 
 
-def test_dry_run_prints_the_per_layer_table(tmp_path):
+def test_dry_run_prints_the_per_layer_table(tmp_path, capsys):
     tree = base_tree(quant={"layers": [{"match": "layer3.*", "w": {"bits": 8}},
                                        {"match": "layer1.0.conv1", "w": {"bits": 2, "per_channel": False},
                                         "a": {"bits": 8}}]})
     tree["data"]["calibration"]["num_images"] = 8
-    proc = _cli(tmp_path, tree, "--dry-run")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+    status, out, err = _cli(tmp_path, capsys, tree, "--dry-run")
+    assert status == 0, err[-2000:]
+    lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("per-layer quantization (20 conv/linear"))
     rows = {line.split()[0]: line.split() for line in lines[head + 2:head + 22]}
     assert len(rows) == 20 and list(rows)[0] == "conv1" and list(rows)[-1] == "linear"
