@@ -105,6 +105,10 @@ class MRECGConfig(GroupingKeys, ReconstructionConfig):
         if self.act_init_images is None:
             self.act_init_images = BASES[self.base].Config.act_init_images
 
+    def default_bound_grad(self) -> str:
+        """The base method's own (stop on brecq_joint)."""
+        return BASES[self.base].Config.default_bound_grad(self)
+
 
 @dataclass
 class Plan:
