@@ -106,8 +106,8 @@ class MRECGConfig(GroupingKeys, ReconstructionConfig):
             self.act_init_images = BASES[self.base].Config.act_init_images
 
     def default_bound_grad(self) -> str:
-        """The base method's own (stop on brecq_joint)."""
-        return BASES[self.base].Config.default_bound_grad(self)
+        """The base method's own (stop on brecq_joint); compose's mrecg preset, which has no `base`, is on QDrop."""
+        return BASES[getattr(self, "base", "qdrop")].Config.default_bound_grad(self)
 
 
 @dataclass
