@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.cifar10
 
-SETTINGS = ["quant.w.bits=2", "runtime.threads=2", "data.evaluation.limit=500"]
+SETTINGS = ["quant.w.bits=2", "runtime.threads=1", "data.evaluation.limit=500"]   # one thread: one xdist worker
 
 
 @pytest.mark.slow   # a whole QDrop run in a subprocess (the daily tier has the engine's own tests)
