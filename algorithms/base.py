@@ -27,9 +27,11 @@ class AlgorithmConfig:
         """Resolve defaults that depend on the rest of the config (the model's `algorithm_defaults` are applied
         before this is called)."""
 
+    # `quant.a.bound_grad` where the config leaves it null: the method's own convention
+    BOUND_GRAD = "pass"
+
     def default_bound_grad(self) -> str:
-        """`quant.a.bound_grad` where the config leaves it null: the method's own convention."""
-        return "pass"
+        return self.BOUND_GRAD
 
 
 @dataclass

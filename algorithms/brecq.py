@@ -8,7 +8,7 @@ i.e. QDrop with keep probability 1. As in MQBench's `ptq_reconstruction`, its re
 from the global calibration (`act_init_images: 0`); QDrop's original code re-observes them on each unit's cached
 inputs (256). Which of the two serves better depends on the network's depth and on `quant.fold_bn` and
 `quant.a.bound_grad`; docs/RESULTS.md has the measured comparisons. Unlike the other methods, its activation
-steps default to `quant.a.bound_grad: stop` (`default_bound_grad`).
+steps default to `quant.a.bound_grad: stop` (`Config.BOUND_GRAD`).
 """
 from dataclasses import dataclass
 
@@ -44,12 +44,11 @@ class BrecqJoint(Reconstruction):
                                                   "cached inputs before learning (0 = keep the global calibration, "
                                                   "as MQBench)")
 
-        def default_bound_grad(self) -> str:
-            # Its activations are quantized at every iteration, so the gradient at the grid's ends reaches every
-            # element QDrop's drop would have spared; `stop` is what MQBench's own quantizer computes on the torch
-            # this toolkit runs (docs/MQBENCH_GAP.md) and is the better of the two on every network measured
-            # (docs/RESULTS.md, ResNet-20 and ResNet-56).
-            return "stop"
+        # Its activations are quantized at every iteration, so the gradient at the grid's ends reaches every
+        # element QDrop's drop would have spared; `stop` is what MQBench's own quantizer computes on the torch
+        # this toolkit runs (docs/MQBENCH_GAP.md) and is the better of the two on every network measured
+        # (docs/RESULTS.md, ResNet-20 and ResNet-56).
+        BOUND_GRAD = "stop"
 
     def phases(self):
         return joint(self, self.name, NO_DROP)

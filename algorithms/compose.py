@@ -86,7 +86,7 @@ class ComposeConfig(GroupingKeys, MixerKeys, PDKeys, ReconstructionConfig):
 
     def default_bound_grad(self) -> str:
         """The preset's method's own (stop for brecq_joint), else QDrop's."""
-        return PRESETS[self.preset][0].Config.default_bound_grad(self) if self.preset else "pass"
+        return PRESETS[self.preset][0].Config.BOUND_GRAD if self.preset else self.BOUND_GRAD
 
     def check(self, path: str) -> None:
         GroupingKeys.check(self, path)                          # the scheme's form

@@ -106,8 +106,9 @@ class MRECGConfig(GroupingKeys, ReconstructionConfig):
             self.act_init_images = BASES[self.base].Config.act_init_images
 
     def default_bound_grad(self) -> str:
-        """The base method's own (stop on brecq_joint); compose's mrecg preset, which has no `base`, is on QDrop."""
-        return BASES[getattr(self, "base", "qdrop")].Config.default_bound_grad(self)
+        """The base method's own (stop on brecq_joint). MRECGConfig.BOUND_GRAD, "pass", is its default base's
+        (QDrop), which compose's mrecg preset runs on."""
+        return BASES[self.base].Config.BOUND_GRAD
 
 
 @dataclass
